@@ -1,0 +1,375 @@
+"""The DeepSeek-V3 model for one device: MLA attention, DeepSeekMoE, multi-token prediction.
+
+Notable features:
+- Module and parameter names follow the HF checkpoint (`self_attn.kv_a_proj_with_mqa`, `mlp.gate`, ...), so the
+  name table in `checkpoint.py` is short; the routed experts are stacked into `[E, 2I, D]` / `[E, D, I]` tensors
+  and run through one grouped GEMM (`ops.grouped`), never a Python loop over every expert on the GPU.
+- YaRN RoPE with the official checkpoint's pairing (adjacent dims form a rotation pair, `rope_interleave`).
+- The `noaux_tc` gate (sigmoid scores, bias for selection only, top-2 group scores, -inf masking) and the softmax
+  gates of V2-shaped configs.
+- MTP modules at depth k take `[enorm(emb(t_{i+k})); hnorm(h^{k-1}_i)]` and predict t_{i+k+1}; their logits come
+  back from `forward(..., mtp=True)` for training and drafting.
+- Each MoE layer records the tokens routed to each expert in its last forward (`mlp.load`), which the trainer uses
+  for the auxiliary-loss-free bias update and MaxVio.
+- No process-group state: distribution wraps the model from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, yarn_mscale
+from .ops.grouped import grouped_mm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, then scale in the input dtype, as the reference and HF do.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+# ---- rotary embedding --------------------------------------------------------------------------------------------
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [rope_dim / 2] and the cos/sin scale, YaRN-interpolated when the config asks for it."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    # fp32 throughout, in the reference's order of operations: angles reach thousands of radians, so a
+    # different rounding of inv_freq shows up in the logits.
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    yarn = cfg.yarn
+    if yarn is None:
+        return 1.0 / pos_freqs, 1.0
+    factor = float(yarn["factor"])
+    orig = yarn["original_max_position_embeddings"]
+    beta_fast, beta_slow = yarn.get("beta_fast") or 32, yarn.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        # The rope dim whose wavelength fits `rotations` turns into the original context.
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    keep = 1 - ramp
+    # Fast-rotating dims keep their frequency, slow ones are interpolated by `factor`, a linear ramp between.
+    inv_freq = 1.0 / (factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
+    mscale, mscale_all = yarn.get("mscale"), yarn.get("mscale_all_dim")
+    if mscale and mscale_all:
+        attn_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+    else:
+        attn_factor = yarn_mscale(factor)
+    return inv_freq, float(attn_factor)
+
+
+class Rotary(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inv_freq, self.scale = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [..., T] -> cos, sin: [..., T, rope_dim / 2] in fp32
+        freqs = positions[..., None].float() * self.inv_freq
+        return freqs.cos() * self.scale, freqs.sin() * self.scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    # x: [B, T, H, R]; cos, sin: [B or 1, T, R/2]. The result lays the rotated pairs out as [first; second]
+    # halves; attention only takes dot products between q and k rotated alike, so the layout stays internal.
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    x1f, x2f = x1.float(), x2.float()
+    return torch.cat([x1f * cos - x2f * sin, x2f * cos + x1f * sin], dim=-1).to(x.dtype)
+
+
+# ---- attention ---------------------------------------------------------------------------------------------------
+class MLA(nn.Module):
+    """Multi-head latent attention: queries through a low-rank bottleneck, keys and values from a shared latent."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.num_attention_heads, cfg.hidden_size
+        self.n_heads = h
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=cfg.attention_bias)
+        self.softmax_scale = cfg.softmax_scale
+
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [B, T, D] -> q_nope: [B, T, H, nope], q_pe: [B, T, H, rope] (roped)
+        cfg = self.cfg
+        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.unflatten(-1, (self.n_heads, cfg.qk_head_dim))
+        q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin, cfg.rope_interleave)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [B, T, D] -> c_kv: [B, T, kv_lora] (normalised), k_pe: [B, T, rope] (roped): what a decoder caches.
+        cfg = self.cfg
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(-2), cos, sin, cfg.rope_interleave).squeeze(-2)
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # Expanded (training / prefill) form over a whole causal sequence. x: [B, T, D]
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim))
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, T, qk]
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)  # [B, H, T, v]
+        o = causal_attention(q, k, v, self.softmax_scale)  # [B, H, T, v]
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    # q, k: [B, H, T, Dqk], v: [B, H, T, Dv] -> [B, H, T, Dv]
+    dv = v.shape[-1]
+    if q.is_cuda and dv < q.shape[-1]:
+        # The flash kernel wants one head size for q, k and v: pad v with zeros and cut the output back.
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :dv]
+
+
+# ---- feed-forward ------------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter, bias=False)
+        self.up_proj = nn.Linear(dim, inter, bias=False)
+        self.down_proj = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class Routing:
+    weights: torch.Tensor  # [N, K] gate weights of the chosen experts (fp32)
+    indices: torch.Tensor  # [N, K] chosen expert ids
+    scores: torch.Tensor  # [N, E] unbiased affinities (sigmoid or softmax), for balance losses
+
+
+class Gate(nn.Module):
+    """Top-k routing over n_routed_experts, group-limited when n_group > 1."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            # Moved by the trainer, not by gradients; used to choose experts, never to weight them.
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        # x: [N, D]
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())  # routing in fp32: near-ties decide experts
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
+        groups = cfg.n_group or 1
+        if groups > 1 and cfg.topk_method != "greedy":
+            grouped = choice.unflatten(-1, (groups, -1))  # [N, G, E/G]
+            if cfg.topk_method == "noaux_tc":
+                group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_score = grouped.amax(dim=-1)
+            keep = group_score.topk(cfg.topk_group, dim=-1).indices  # [N, topk_group]
+            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+            # -inf, not 0: a zero-masked group can still win against negative biased scores.
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(weights * cfg.routed_scaling_factor, indices, scores)
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked so one grouped GEMM runs them all."""
+
+    def __init__(self, n: int, dim: int, inter: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, dim))  # [E, 2I, D]: gate rows, then up rows
+        self.down_proj = nn.Parameter(torch.empty(n, dim, inter))  # [E, D, I]
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [N, D] -> ([N, D], tokens per expert [E])
+        n_tok, k = routing.indices.shape
+        n_exp = self.gate_up_proj.shape[0]
+        flat = routing.indices.flatten()  # [N*K]
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=n_exp)
+        offs = counts.cumsum(0).to(torch.int32)
+        token = order // k
+        xs = x[token]  # [N*K, D], rows grouped by expert
+        gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
+        ys = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs)  # [N*K, D]
+        ys = ys * routing.weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
+        return x.new_zeros(n_tok, x.shape[-1]).index_add_(0, token, ys), counts
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        n_shared = cfg.n_shared_experts or 0
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
+        self.load: torch.Tensor | None = None  # [E] tokens per expert in the last forward
+        self.routing: Routing | None = None  # kept only while `keep_routing` is set (balance losses)
+        self.keep_routing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        routing = self.gate(flat)
+        y, self.load = self.experts(flat, routing)
+        self.routing = routing if self.keep_routing else None
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(shape)
+
+
+# ---- blocks and the model ----------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth. Embedding and output head are the main model's (shared, as in the report)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = Block(cfg, layer_idx)
+        self.head_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # shared_head.norm in the checkpoint
+
+    def forward(self, emb: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # emb: [B, T, D] embeddings of the tokens k ahead; h: [B, T, D] previous depth's normed output
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # [embedding; hidden] order
+        return self.head_norm(self.block(x, cos, sin))
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # [B, T, V]
+    mtp_logits: list[torch.Tensor]  # D x [B, T, V]; depth k at position i predicts token i + k + 1
+    hidden: torch.Tensor  # [B, T, D] final normed hidden state (what MTP depth 1 and a drafter read)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers)
+        )
+        self.rotary = Rotary(cfg)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, mtp: bool = False, positions: torch.Tensor | None = None):
+        """input_ids: [B, T] -> logits [B, T, V]; with mtp=True an `Output` with the MTP logits too."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = self.rotary(positions)
+        if cos.dim() == 2:
+            cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        h = self.norm(h)
+        logits = self.lm_head(h)
+        if not mtp:
+            return logits
+        mtp_logits, prev = [], h
+        for k, module in enumerate(self.mtp, start=1):
+            # Depth k at position i reads token i + k; positions past the end see padding, which causal
+            # attention keeps away from every valid position.
+            ahead = F.pad(input_ids[:, k:], (0, k), value=0)
+            prev = module(self.embed_tokens(ahead), prev, cos, sin)
+            mtp_logits.append(self.lm_head(prev))
+        return Output(logits, mtp_logits, h)
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, seed: int | None = None) -> Transformer:
+    """The report's initialisation: every matrix ~ N(0, initializer_range), norms 1, routing biases 0."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    std = model.cfg.initializer_range
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif p.dim() == 1:
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
+    for m in model.modules():
+        if isinstance(m, Gate) and m.e_score_correction_bias is not None:
+            m.e_score_correction_bias.zero_()
+    return model
+
+
+def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
+    """Cast to `dtype`, keeping the gate weight and routing bias in fp32 as HF's loader and the trainer expect."""
+    model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, Gate):
+            m.weight.data = m.weight.data.float()
+            if m.e_score_correction_bias is not None:
+                m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
+    return model
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                seed: int | None = 0) -> Transformer:
+    """A freshly initialised model; weights are drawn on the CPU so a seed gives the same model on any device."""
+    model = init_weights(Transformer(cfg), seed)
+    return cast_model(model.to(device) if device else model, dtype)

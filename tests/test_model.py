@@ -1,0 +1,166 @@
+"""Model pieces against plain hand computations: the router, the grouped expert GEMM, MTP causality, RoPE."""
+
+import math
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.model import Gate, Rotary, apply_rope, build_model
+from dsv3.ops.grouped import grouped_mm, grouped_mm_reference
+
+
+def _route_by_hand(scores, bias, cfg):
+    """One token at a time, in plain Python: the DeepSeek-V3 noaux_tc rule as the report and the facts state it."""
+    n_tok, n_exp = scores.shape
+    per = n_exp // cfg.n_group
+    weights, chosen = [], []
+    for t in range(n_tok):
+        s = scores[t].tolist()
+        b = [s[e] + bias[e].item() for e in range(n_exp)]
+        group_score = [sum(sorted(b[g * per:(g + 1) * per], reverse=True)[:2]) for g in range(cfg.n_group)]
+        keep = sorted(range(cfg.n_group), key=lambda g: -group_score[g])[:cfg.topk_group]
+        allowed = [e for e in range(n_exp) if e // per in keep]
+        top = sorted(allowed, key=lambda e: -b[e])[:cfg.num_experts_per_tok]
+        w = [s[e] for e in top]
+        total = sum(w)
+        weights.append([x / total * cfg.routed_scaling_factor for x in w])
+        chosen.append(top)
+    return weights, chosen
+
+
+def test_noaux_tc_gate_matches_hand_rule():
+    cfg = dsv3.ModelConfig.preset("tiny", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    # Strongly negative biases: masked groups filled with 0 instead of -inf would win against them.
+    gate.e_score_correction_bias.copy_(torch.linspace(-3, -1, 16))
+    x = torch.randn(50, cfg.hidden_size)
+    r = gate(x)
+    scores = torch.sigmoid(x @ gate.weight.T)
+    weights, chosen = _route_by_hand(scores, gate.e_score_correction_bias, cfg)
+    for t in range(50):
+        order = r.indices[t].argsort()
+        assert r.indices[t][order].tolist() == sorted(chosen[t])
+        by_expert = dict(zip(chosen[t], weights[t]))
+        for e, w in zip(r.indices[t].tolist(), r.weights[t].tolist()):
+            assert math.isclose(w, by_expert[e], rel_tol=1e-5)
+    assert torch.allclose(r.weights.sum(-1), torch.full((50,), cfg.routed_scaling_factor))
+
+
+def test_bias_selects_but_does_not_weight():
+    cfg = dsv3.ModelConfig.preset("tiny", n_group=1, topk_group=1, num_experts_per_tok=1)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    x = torch.randn(8, cfg.hidden_size)
+    gate.e_score_correction_bias[5] = 10.0  # expert 5 wins every selection
+    r = gate(x)
+    assert (r.indices == 5).all()
+    assert torch.allclose(r.weights[:, 0], torch.full((8,), cfg.routed_scaling_factor))  # normalised over k=1
+    cfg2 = cfg.replace(norm_topk_prob=False, routed_scaling_factor=1.0)
+    gate2 = Gate(cfg2)
+    gate2.load_state_dict(gate.state_dict())
+    r2 = gate2(x)
+    assert torch.allclose(r2.weights[:, 0], torch.sigmoid(x @ gate.weight[5]))  # the unbiased score
+
+
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy"])
+def test_softmax_gates_of_v2(method):
+    cfg = dsv3.ModelConfig.preset("tiny", topk_method=method, scoring_func="softmax", norm_topk_prob=False,
+                                  routed_scaling_factor=1.0, n_group=4, topk_group=1, num_experts_per_tok=2)
+    gate = Gate(cfg)
+    assert gate.e_score_correction_bias is None
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    x = torch.randn(30, cfg.hidden_size)
+    r = gate(x)
+    probs = torch.softmax(x @ gate.weight.T, dim=-1)
+    if method == "greedy":
+        expected = probs.topk(2, dim=-1)
+    else:  # the best single group by its max score, then the top 2 inside it
+        g = probs.view(30, 4, 4).amax(-1).argmax(-1)
+        masked = torch.full_like(probs, -1.0)
+        for t in range(30):
+            masked[t, g[t] * 4:(g[t] + 1) * 4] = probs[t, g[t] * 4:(g[t] + 1) * 4]
+        expected = masked.topk(2, dim=-1)
+    assert torch.equal(r.indices.sort(-1).values, expected.indices.sort(-1).values)
+    assert torch.allclose(r.weights.sort(-1).values, expected.values.sort(-1).values)
+
+
+@pytest.mark.parametrize("sizes", [[0, 5, 0, 17, 1], [1], [3, 0, 0]])
+def test_grouped_mm_matches_reference(sizes):
+    x = torch.randn(sum(sizes), 24, requires_grad=True)
+    w = torch.randn(len(sizes), 24, 40, requires_grad=True)
+    offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    fast = grouped_mm(x, w, offs)
+    ref = grouped_mm_reference(x, w, offs)
+    expect = torch.cat([x[o - n:o] @ w[g] for g, (n, o) in enumerate(zip(sizes, offs.tolist()))])
+    assert torch.allclose(fast, expect, atol=1e-5) and torch.allclose(ref, expect, atol=1e-5)
+    g_fast = torch.autograd.grad(fast.square().sum(), (x, w))
+    g_ref = torch.autograd.grad(expect.square().sum(), (x, w))
+    for a, b in zip(g_fast, g_ref):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_experts_match_per_token_loop():
+    cfg = dsv3.ModelConfig.preset("tiny", n_shared_experts=0)
+    model = build_model(cfg, seed=0)
+    moe = model.layers[1].mlp
+    x = torch.randn(2, 9, cfg.hidden_size)
+    y = moe(x)
+    flat = x.reshape(-1, cfg.hidden_size)
+    r = moe.gate(flat)
+    inter = cfg.moe_intermediate_size
+    expect = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for w, e in zip(r.weights[t], r.indices[t]):
+            gu = moe.experts.gate_up_proj[e] @ flat[t]
+            h = torch.nn.functional.silu(gu[:inter]) * gu[inter:]
+            expect[t] += w * (moe.experts.down_proj[e] @ h)
+    assert torch.allclose(y.reshape(-1, cfg.hidden_size), expect, atol=1e-5)
+    assert moe.load.sum() == flat.shape[0] * cfg.num_experts_per_tok
+    assert torch.equal(moe.load, torch.bincount(r.indices.flatten(), minlength=cfg.n_routed_experts))
+
+
+def test_mtp_depths_see_the_right_tokens():
+    cfg = dsv3.ModelConfig.preset("tiny", num_nextn_predict_layers=2)
+    model = build_model(cfg, seed=0).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 20))
+    out = model(ids, mtp=True)
+    assert len(out.mtp_logits) == 2 and out.mtp_logits[0].shape == (1, 20, cfg.vocab_size)
+    assert torch.equal(out.logits, model(ids))
+    i = 7
+    for k in (1, 2):
+        seen, unseen = ids.clone(), ids.clone()
+        seen[0, i + k] = (ids[0, i + k] + 1) % cfg.vocab_size  # token i + k is depth k's input at position i
+        unseen[0, i + k + 1] = (ids[0, i + k + 1] + 1) % cfg.vocab_size  # the token it predicts: never seen
+        a = model(seen, mtp=True).mtp_logits[k - 1][0, i]
+        b = model(unseen, mtp=True).mtp_logits[k - 1][0, i]
+        assert not torch.allclose(a, out.mtp_logits[k - 1][0, i])
+        assert torch.allclose(b, out.mtp_logits[k - 1][0, i], atol=1e-6)
+
+
+def test_rope_interleaved_pairs_rotate_as_complex_numbers():
+    cfg = dsv3.ModelConfig.preset("tiny", rope_scaling=None)
+    rot = Rotary(cfg)
+    pos = torch.arange(10)
+    cos, sin = rot(pos)
+    x = torch.randn(1, 10, 2, cfg.qk_rope_head_dim)
+    out = apply_rope(x, cos[None], sin[None], interleave=True)
+    # The reference: view adjacent pairs as complex numbers and multiply by e^{i pos freq}.
+    z = torch.view_as_complex(x.view(1, 10, 2, -1, 2))
+    angles = pos[:, None] * rot.inv_freq[None]
+    zr = z * torch.polar(torch.ones_like(angles), angles)[None, :, None]
+    half = cfg.qk_rope_head_dim // 2
+    assert torch.allclose(out[..., :half], zr.real, atol=1e-5)
+    assert torch.allclose(out[..., half:], zr.imag, atol=1e-5)
+
+
+def test_yarn_frequencies_and_mscale():
+    cfg = dsv3.ModelConfig.preset("671b")
+    inv_freq, attn = dsv3.model.rope_inv_freq(cfg)
+    base = 1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64)
+    assert attn == 1.0  # mscale == mscale_all_dim
+    assert torch.allclose(inv_freq[:5], base[:5])  # fast dims untouched
+    assert torch.allclose(inv_freq[-3:], base[-3:] / 40)  # slow dims interpolated by the factor
+    m = 0.1 * math.log(40) + 1
+    assert math.isclose(cfg.softmax_scale, 192**-0.5 * m * m)
