@@ -224,7 +224,8 @@ class Experts(nn.Module):
         n_exp = self.gate_up_proj.shape[0]
         flat = routing.indices.flatten()  # [N*K]
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=n_exp)
+        # scatter_add rather than bincount: a static output shape keeps torch.compile graphs whole.
+        counts = flat.new_zeros(n_exp).scatter_add_(0, flat, torch.ones_like(flat))
         offs = counts.cumsum(0).to(torch.int32)
         token = order // k
         xs = x[token]  # [N*K, D], rows grouped by expert

@@ -1,0 +1,57 @@
+"""Shared helpers for the benchmarks: timing on the device, machine facts, and a results file under $OUT."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds per call of fn() after warm-up, synchronising the device around each call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def machine() -> dict:
+    info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        info["device"] = f"CPU ({os.cpu_count()} cores)"
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def save_results(name: str, results: dict) -> None:
+    """Print the results as JSON and keep a copy under $OUT (the device tool's folder) or ./runs/benchmarks."""
+    out = Path(os.environ.get("OUT") or "runs/benchmarks")
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "machine": machine(), **results}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    print(json.dumps(payload, indent=2))
