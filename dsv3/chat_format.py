@@ -17,6 +17,7 @@ Notable features:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -74,7 +75,14 @@ def _make_env() -> ImmutableSandboxedEnvironment:
 
 
 _ENV = _make_env()
-_COMPILED: dict[str, jinja2.Template] = {}
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
+    try:
+        return _ENV.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat template does not parse: {e} (line {e.lineno})") from e
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -97,17 +105,15 @@ def render_chat(template: str, messages: list[dict], tools: list[dict] | None = 
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
             raise ValueError(f"messages[{i}]: expected an object with a 'role', got {type(m).__name__}")
-    if template not in _COMPILED:
-        try:
-            _COMPILED[template] = _ENV.from_string(template)
-        except jinja2.TemplateSyntaxError as e:
-            raise ValueError(f"chat template does not parse: {e} (line {e.lineno})") from e
     # transformers passes the tokenizer's special tokens that are set; unset ones stay undefined in the template
     special = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None}
     variables = {"documents": None, **special, **kw}
-    return _COMPILED[template].render(
-        messages=_plain(messages, "messages"), tools=_plain(tools, "tools"),
-        add_generation_prompt=add_generation_prompt, **_plain(variables, "template variables"))
+    try:
+        return _compile(template).render(
+            messages=_plain(messages, "messages"), tools=_plain(tools, "tools"),
+            add_generation_prompt=add_generation_prompt, **_plain(variables, "template variables"))
+    except jinja2.TemplateError as e:  # raise_exception(...) or a message the template cannot handle
+        raise ValueError(f"chat template: {e}") from e
 
 
 # ---- tools in the prompt ------------------------------------------------------------------------------------------
@@ -165,7 +171,7 @@ def _forced_function(tool_choice: Any, tools: list[dict]) -> str | None:
 
 def tools_system_prompt(tools: list[dict], tool_choice: Any = None) -> str:
     """The system-prompt block that shows the model its functions and how to call them. `tool_choice` defaults to
-    "auto"; with no tools (and no forcing choice) it is the empty string."""
+    "auto". With no tools it is the empty string (and "required" or a named function is an error)."""
     validate_tools(tools)
     forced = _forced_function(tool_choice, tools)
     if not tools:
@@ -219,6 +225,9 @@ def _normalize_message(message: Mapping, where: str) -> dict:
     elif content is not None and not isinstance(content, str):
         raise ValueError(f"{where}.content: expected a string, a list of text parts or null")
     if m.get("tool_calls"):
+        if not isinstance(m["tool_calls"], list):
+            raise ValueError(f"{where}.tool_calls: expected a list of tool calls")
+        # a turn with both text and calls keeps both; the template decides what it shows (DeepSeek-V3's: the text)
         if not m.get("content"):
             m["content"] = None
         calls = []
@@ -303,14 +312,18 @@ def _arguments(body: str, final: bool) -> str:
     s = s.strip() if final else s.lstrip()
     if final:
         return s[:-3].rstrip() if s.endswith("```") else s
-    return s.rstrip("` \t\n\r\f\v")
+    end = len(s)
+    while end and (s[end - 1].isspace() or s[end - 1] == "`"):  # the same whitespace that str.strip() removes
+        end -= 1
+    return s[:end]
 
 
 class ToolCallStreamParser:
     """Feed model text deltas, get `ContentDelta` / `ToolCallDelta` events; call `finish()` at the end of output.
 
-    Grammar (tokens are the DeepSeek-V3 tool tokens, matched as text):
-      text   <｜tool▁calls▁begin｜> { <｜tool▁call▁begin｜> TYPE <｜tool▁sep｜> NAME \\n ```json\\n ARGS \\n``` <｜tool▁call▁end｜> }
+    Grammar (tokens are the DeepSeek-V3 tool tokens, matched as text; `\\n` is a newline):
+      text <｜tool▁calls▁begin｜>
+        { <｜tool▁call▁begin｜> TYPE <｜tool▁sep｜> NAME \\n ```json\\n ARGS \\n``` <｜tool▁call▁end｜> }
       <｜tool▁calls▁end｜> text
     Whitespace between calls is dropped; other text there is content. Stray tool tokens are dropped, never shown.
     """

@@ -294,7 +294,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
         initializer_range=0.02, **_V3_ROUTING, **_NO_FP8,
     ),
-    "small": dict(  # ~160M total: the CPU/GPU experiment size
+    "small": dict(  # ~187M total (+14M MTP), ~35M activated: the experiment size
         vocab_size=32768, hidden_size=512, intermediate_size=1536, moe_intermediate_size=128,
         num_hidden_layers=12, first_k_dense_replace=1, num_attention_heads=8, num_key_value_heads=8,
         q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
@@ -302,7 +302,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=4096, num_nextn_predict_layers=1, rope_scaling=None,
         initializer_range=0.006, **_V3_ROUTING, **_NO_FP8,
     ),
-    "1b": dict(  # ~1.6B total, ~0.4B active: the GPU benchmark size
+    "1b": dict(  # ~1.45B total (+0.11B MTP), ~0.32B activated (published convention): the GPU benchmark size
         vocab_size=129280, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
         num_hidden_layers=12, first_k_dense_replace=1, num_attention_heads=16, num_key_value_heads=16,
         q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,

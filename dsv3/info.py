@@ -8,13 +8,15 @@ Notable features:
   numbers: 36.6B for DeepSeek-V3 ("37B"), 2.45B for DeepSeek-V2-Lite ("2.4B"), 20.9B for DeepSeek-V2 ("21B").
   The embedding is a table lookup, the head a matmul every token pays for.
 - MTP is counted apart from the main model, as the report does (671B total excludes it). The HF checkpoint stores
-  each MTP depth with its own copies of the embedding and head, which dsv3 shares: 671B + 14B = 685B.
+  each MTP depth with its own copies of the embedding and head, which dsv3 shares: 671.0B + 13.5B = 684.5B, the
+  release's "685B (671B + 14B)".
 - Forward FLOPs per token = 2 x activated matmul parameters + attention scores and values at a sequence length,
   causal attention counted at half (every query sees on average half of the keys); training = 3 x forward, MTP
   included when the config has MTP depths, since training runs them.
-- KV cache per token: MLA's latent (kv_lora_rank + qk_rope_head_dim) against expanded per-head K and V.
-- Weight memory in bf16, FP8 (128x128 blocks, fp32 scales), int8 (one scale per output row) and int4 (groups of
-  32 or 128 inputs per scale). Embedding, head, norms and the router stay bf16 in every format, as in the
+- KV cache per token: MLA's latent (kv_lora_rank + qk_rope_head_dim) against expanded per-head K and V, in bf16
+  and in FP8 with one fp32 scale per 128 elements (the 1x128 tiles of FP8 activations).
+- Weight memory in bf16, FP8 (128x128 blocks, fp32 scales), int8 (one bf16 scale per output row) and int4
+  (symmetric, one bf16 scale per group of 32 or 128 inputs, no zero points). Embedding, head, norms and the router stay bf16 in every format, as in the
   official FP8 release; the routing bias is a buffer (not a parameter) and is left out.
 """
 

@@ -47,6 +47,10 @@ def fused_available(x: torch.Tensor) -> bool:
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     # x: [M, K], w: [G, K, N], offs: [G] int32 -> [M, N]
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast does not know this op: follow its dtype by hand, as it would for F.linear.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
     if x.shape[0] > 0 and fused_available(x):
         return torch._grouped_mm(x, w, offs=offs)
     return grouped_mm_reference(x, w, offs)

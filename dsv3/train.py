@@ -1,0 +1,454 @@
+"""Pretraining with the DeepSeek-V3 recipe: `dsv3 train`.
+
+Notable features:
+- `TrainConfig` is a frozen dataclass; a TOML/JSON file sets it and every field is also a command-line flag
+  (`--max-steps 100`, `--balance aux_loss`, ...), later sources winning.
+- AdamW (beta 0.9/0.95, weight decay 0.1 on matrices), gradient clipping at 1.0, the report's learning-rate shape
+  (warm-up, constant, cosine, tail) and optional batch-size ramp through gradient accumulation.
+- Auxiliary-loss-free balancing (bias update after each step, gamma switched off after a token count) with the
+  complementary sequence-wise loss; `--balance aux_loss` runs the classic auxiliary loss instead, for the ablation.
+- Multi-token prediction: loss lambda/D * sum_k CE_k with lambda 0.3 then 0.1; per-depth loss and top-1 accuracy.
+- bf16 autocast on the GPU, fp32 on the CPU, FP8 (`--precision fp8`) through `dsv3.fp8_train`; optional
+  torch.compile and activation checkpointing. Master weights are always fp32.
+- Checkpoints every N steps and at the end: the model in HF format plus the optimiser, schedules, data position and
+  RNG state, written atomically, the last K kept; `--resume` continues the same run exactly.
+- A non-finite loss stops the run with a clear message before the optimiser touches the weights.
+- Metrics: a progress bar (loss, tokens/s, MFU, MaxVio) and `metrics.jsonl`; validation loss and bits per byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .balance import balance_loss, max_violation, update_bias
+from .checkpoint import load_model, save_model
+from .config import ModelConfig
+from .info import model_stats
+from .loader import PackedLoader, TokenDataset, iter_eval_batches
+from .model import Transformer, build_model
+from .schedule import LRSchedule, batch_size_at, step_value
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model
+    preset: str = "tiny"
+    model_config: str | None = None  # a config.json (or folder) instead of the preset
+    init_from: str | None = None  # an HF checkpoint to start from
+    mtp_depth: int | None = None  # None: the config's num_nextn_predict_layers; 0 disables MTP
+    # data
+    data: str | None = None  # a folder made by `dsv3 prepare`
+    seq_len: int = 256
+    micro_batch: int = 8  # sequences per forward on each rank
+    batch_size: int = 8  # sequences per optimiser step, all ranks together
+    batch_start: int | None = None  # batch-size ramp: start here...
+    batch_ramp_tokens: int = 0  # ...and reach batch_size after this many tokens
+    # optimisation
+    max_steps: int = 1000
+    lr: float = 2.2e-4
+    min_lr: float = 2.2e-5
+    warmup_steps: int = 100
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp8
+    compile: bool = False
+    activation_checkpointing: bool = False
+    # balancing
+    balance: str = "aux_free"  # aux_free (bias update + sequence-wise loss) or aux_loss (classic auxiliary loss)
+    bias_update_speed: float = 0.001  # gamma
+    bias_update_stop_tokens: int | None = None  # gamma -> 0 from here (the report: the last 500B tokens)
+    seq_aux_alpha: float = 1e-4  # complementary sequence-wise loss (aux_free)
+    aux_loss_alpha: float = 1e-3  # classic auxiliary loss (aux_loss)
+    # multi-token prediction
+    mtp_lambda: float = 0.3
+    mtp_lambda_late: float = 0.1
+    mtp_lambda_switch_tokens: int | None = None
+    # run
+    out: str = "runs/train"
+    seed: int = 0
+    device: str | None = None
+    log_interval: int = 10
+    eval_interval: int = 200
+    eval_batches: int = 20
+    save_interval: int = 500
+    keep_checkpoints: int = 2
+    peak_tflops: float | None = None  # for MFU; None: known GPUs only
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.balance in ("aux_free", "aux_loss"), f"balance must be aux_free or aux_loss, got {self.balance!r}"),
+            (self.precision in ("auto", "fp32", "bf16", "fp8"),
+             f"precision must be auto, fp32, bf16 or fp8, got {self.precision!r}"),
+            (self.micro_batch >= 1 and self.batch_size % self.micro_batch == 0,
+             f"batch_size ({self.batch_size}) must be a multiple of micro_batch ({self.micro_batch})"),
+            (self.batch_start is None or 1 <= self.batch_start <= self.batch_size,
+             f"batch_start ({self.batch_start}) must lie in 1..batch_size"),
+            (self.max_steps >= 1 and self.seq_len >= 2, "max_steps must be >= 1 and seq_len >= 2"),
+            (self.lr > 0 and self.min_lr >= 0, "lr must be positive and min_lr non-negative"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss went non-finite; the weights were not updated with it."""
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0, "A100": 312.0, "L40S": 362.0}
+
+
+def _peak_flops(tc: TrainConfig, device: torch.device, precision: str) -> float | None:
+    if tc.peak_tflops is not None:
+        return tc.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            # MFU is quoted against the bf16 peak even for FP8 runs, so the two compare on one scale.
+            return tflops * 1e12
+    return None
+
+
+class Trainer:
+    def __init__(self, tc: TrainConfig, resume: str | Path | None = None, progress: bool = True):
+        self.tc, self.progress = tc, progress
+        self.device = torch.device(tc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = tc.precision if tc.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        if tc.data is None:
+            raise ValueError("no training data: pass --data DIR (a folder made by `dsv3 prepare`)")
+        self.train_data = TokenDataset(tc.data, "train")
+        self.val_data = TokenDataset(tc.data, "val")
+        self.out = Path(tc.out)
+
+        cfg = ModelConfig.from_hf(tc.model_config) if tc.model_config else ModelConfig.preset(tc.preset)
+        # The model's vocabulary is the tokenizer's; the preset only sets the shape of everything else.
+        cfg = cfg.replace(vocab_size=self.train_data.vocab_size, quantization_config=None)
+        if tc.mtp_depth is not None:
+            cfg = cfg.replace(num_nextn_predict_layers=tc.mtp_depth)
+        if tc.balance == "aux_free" and cfg.topk_method != "noaux_tc":
+            raise ValueError("balance aux_free needs topk_method noaux_tc (a gate with a correction bias)")
+        self.cfg = cfg
+        torch.manual_seed(tc.seed)
+        self.model = build_model(cfg, device=self.device, dtype=torch.float32, seed=tc.seed)
+        if tc.init_from:
+            self.model.load_state_dict(load_model(tc.init_from, device=self.device, dtype=torch.float32).state_dict())
+        if tc.activation_checkpointing:
+            for block in [*self.model.layers, *(m.block for m in self.model.mtp)]:
+                block.checkpoint = True
+        if self.precision == "fp8":
+            from .fp8_train import apply_fp8
+
+            apply_fp8(self.model)
+        self.moe = self.model.moe_layers()
+        for moe in self.moe:
+            moe.keep_routing = self._balance_alpha() > 0
+        self.forward = torch.compile(self.model) if tc.compile else self.model
+        self.optimizer = self._make_optimizer()
+        self.loader = PackedLoader(self.train_data, tc.micro_batch, tc.seq_len, seed=tc.seed)
+        self.schedule = LRSchedule.report_shape(tc.lr, tc.min_lr, tc.warmup_steps, tc.max_steps)
+        self.step, self.tokens_seen = 0, 0
+        self.last_checkpoint: Path | None = None
+        stats = model_stats(cfg, tc.seq_len)
+        self.flops_per_token = stats.train_flops_per_token if cfg.num_nextn_predict_layers else \
+            3 * stats.fwd_flops_per_token
+        self.peak_flops = _peak_flops(tc, self.device, self.precision)
+        if resume:
+            self._resume(Path(resume))
+
+    # ---- pieces ----------------------------------------------------------------------------------------------
+    def _balance_alpha(self) -> float:
+        return self.tc.seq_aux_alpha if self.tc.balance == "aux_free" else self.tc.aux_loss_alpha
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=self.tc.lr, betas=(self.tc.beta1, self.tc.beta2), fused=fused)
+
+    def _autocast(self):
+        enabled = self.precision in ("bf16", "fp8")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _losses(self, batch: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict]:
+        """batch: [B, T + 1] -> total loss and its parts (detached) for one micro-batch."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        depth = self.cfg.num_nextn_predict_layers
+        with self._autocast():
+            out = self.forward(inputs, mtp=depth > 0)
+        logits = out.logits if depth else out
+        main = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        total, parts = main, {"loss": main.detach()}
+        if depth:
+            mtp_losses, mtp_acc = mtp_terms(out.mtp_logits, batch)
+            total = total + lam / depth * torch.stack(mtp_losses).sum()
+            parts["mtp_loss"] = [x.detach() for x in mtp_losses]
+            parts["mtp_acc"] = mtp_acc
+        alpha = self._balance_alpha()
+        if alpha > 0 and self.moe:
+            per_seq = self.tc.balance == "aux_free" or self.cfg.seq_aux
+            bal = sum(balance_loss(m.routing, batch.shape[0], self.cfg.n_routed_experts,
+                                   self.cfg.num_experts_per_tok, per_sequence=per_seq) for m in self.moe)
+            total = total + alpha * bal
+            parts["balance_loss"] = bal.detach()
+        return total, parts
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        tc = self.tc
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2))
+        metrics = (self.out / "metrics.jsonl").open("a")
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        self.model.train()
+        last = {}
+        t_log, tokens_log = time.perf_counter(), self.tokens_seen
+        while self.step < tc.max_steps:
+            lr = self.schedule(self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batch_size = batch_size_at(self.tokens_seen, tc.batch_start or tc.batch_size, tc.batch_size,
+                                       tc.batch_ramp_tokens, multiple=tc.micro_batch)
+            accum = batch_size // tc.micro_batch
+            lam = step_value(self.tokens_seen, tc.mtp_lambda, tc.mtp_lambda_late, tc.mtp_lambda_switch_tokens)
+            loads = [torch.zeros(self.cfg.n_routed_experts, device=self.device, dtype=torch.long) for _ in self.moe]
+            sums: dict = {}
+            for _ in range(accum):
+                batch = next(self.loader).to(self.device, non_blocking=True)
+                total, parts = self._losses(batch, lam)
+                (total / accum).backward()
+                for load, moe in zip(loads, self.moe):
+                    load += moe.load
+                _accumulate(sums, parts, 1 / accum)
+            loss = float(sums["loss"])
+            if not math.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                where = self.last_checkpoint or "none written yet"
+                raise TrainingDiverged(f"non-finite loss ({loss}) at step {self.step}; stopped before the update. "
+                                       f"Last good checkpoint: {where}")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            gamma = step_value(self.tokens_seen, tc.bias_update_speed, 0.0, tc.bias_update_stop_tokens)
+            if tc.balance == "aux_free":
+                update_bias(self.moe, loads, gamma)
+            self.step += 1
+            self.tokens_seen += batch_size * tc.seq_len
+            bar.update(1)
+
+            if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - t_log
+                tok_s = (self.tokens_seen - tokens_log) / max(elapsed, 1e-9)
+                t_log, tokens_log = time.perf_counter(), self.tokens_seen
+                last = {"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
+                        "grad_norm": float(grad_norm), "batch_size": batch_size, "tokens_per_s": tok_s,
+                        "mfu": tok_s * self.flops_per_token / self.peak_flops if self.peak_flops else None,
+                        "maxvio": [max_violation(x) for x in loads], "mtp_lambda": lam, "bias_gamma": gamma,
+                        **{k: _to_py(v) for k, v in sums.items() if k != "loss"}}
+                _write(metrics, last)
+                bar.set_postfix(_postfix(last))
+            if self.step % tc.eval_interval == 0 or self.step == tc.max_steps:
+                ev = {"step": self.step, "tokens": self.tokens_seen, **self.evaluate()}
+                _write(metrics, ev)
+                last.update(ev)
+            if self.step % tc.save_interval == 0 or self.step == tc.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        metrics.close()
+        save_model(self.model, self.out / "model", tokenizer_dir=self.train_data.tokenizer_path.parent)
+        return last
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss, bits per byte, MaxVio per layer and MTP accuracy on the first eval_batches batches."""
+        self.model.eval()
+        depth = self.cfg.num_nextn_predict_layers
+        nats, count, loads = 0.0, 0, [torch.zeros(self.cfg.n_routed_experts, device=self.device) for _ in self.moe]
+        acc_sum = [0.0] * depth
+        batches = 0
+        for batch in iter_eval_batches(self.val_data, self.tc.micro_batch, self.tc.seq_len, self.tc.eval_batches):
+            batch = batch.to(self.device)
+            with self._autocast():
+                out = self.forward(batch[:, :-1], mtp=depth > 0)
+            logits = out.logits if depth else out
+            nats += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+            count += batch[:, 1:].numel()
+            for load, moe in zip(loads, self.moe):
+                load += moe.load
+            if depth:
+                for k, acc in enumerate(mtp_terms(out.mtp_logits, batch)[1]):
+                    acc_sum[k] += float(acc)
+            batches += 1
+        self.model.train()
+        val_loss = nats / count
+        tokens_per_byte = len(self.val_data) / max(self.val_data.num_bytes, 1)
+        result = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * tokens_per_byte,
+                  "val_maxvio": [max_violation(x) for x in loads]}
+        if depth:
+            result["val_mtp_acc"] = [a / batches for a in acc_sum]
+        return result
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """out/checkpoints/step-N/{model (HF format), trainer_state.pt}, written to a temporary folder first."""
+        root = self.out / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.step:08d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        try:
+            save_model(self.model, tmp / "model", tokenizer_dir=self.train_data.tokenizer_path.parent)
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+                     "loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                     "train_config": json.dumps(dataclasses.asdict(self.tc))}
+            torch.save(state, tmp / "trainer_state.pt")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.last_checkpoint = final
+        for old in sorted(root.glob("step-*"))[:-self.tc.keep_checkpoints]:
+            shutil.rmtree(old)
+        return final
+
+    def _resume(self, path: Path) -> None:
+        if path.name == "checkpoints" or (path / "checkpoints").is_dir():
+            root = path if path.name == "checkpoints" else path / "checkpoints"
+            found = sorted(root.glob("step-*"))
+            if not found:
+                raise FileNotFoundError(f"no checkpoint to resume from in {root}")
+            path = found[-1]
+        if not (path / "trainer_state.pt").is_file():
+            raise FileNotFoundError(f"{path} is not a training checkpoint (no trainer_state.pt)")
+        # weights_only: the optimiser state is tensors and numbers; nothing else may be unpickled.
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        saved = load_model(path / "model", device=self.device, dtype=torch.float32)
+        self.model.load_state_dict(saved.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.last_checkpoint = path
+
+
+def mtp_terms(mtp_logits: list[torch.Tensor], batch: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-depth cross-entropy and top-1 accuracy. batch: [B, T + 1]; depth k's logits at position i predict
+    batch[:, i + k + 1], so positions T - k.. have no target inside the batch and are left out."""
+    t = batch.shape[1] - 1
+    losses, accs = [], []
+    for k, logits in enumerate(mtp_logits, start=1):
+        pred, target = logits[:, : t - k].float(), batch[:, k + 1:]
+        losses.append(F.cross_entropy(pred.flatten(0, 1), target.flatten()))
+        accs.append((pred.argmax(-1) == target).float().mean().detach())
+    return losses, accs
+
+
+def _accumulate(sums: dict, parts: dict, weight: float) -> None:
+    for k, v in parts.items():
+        if isinstance(v, list):
+            sums[k] = [a + b * weight for a, b in zip(sums.get(k, [0.0] * len(v)), v)]
+        else:
+            sums[k] = sums.get(k, 0.0) + v * weight
+
+
+def _to_py(v):
+    return [float(x) for x in v] if isinstance(v, list) else float(v)
+
+
+def _write(f, record: dict) -> None:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+
+
+def _postfix(m: dict) -> dict:
+    out = {"loss": f"{m['loss']:.3f}", "tok/s": f"{m['tokens_per_s']:.0f}"}
+    if m.get("mfu") is not None:
+        out["mfu"] = f"{100 * m['mfu']:.1f}%"
+    if m["maxvio"]:
+        out["maxvio"] = f"{max(m['maxvio']):.2f}"
+    return out
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+def load_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
+    values: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config {path} does not exist")
+        text = path.read_text()
+        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown training settings {', '.join(unknown)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, typed from its annotation."""
+    for f in dataclasses.fields(TrainConfig):
+        kind = str(f.type)
+        conv = _parse_bool if "bool" in kind else int if "int" in kind else float if "float" in kind else str
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=conv, default=None,
+                       help=f"(default {f.default!r})")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="pretrain a DeepSeek-V3 model with the report's recipe")
+    p.add_argument("--config", help="a TOML or JSON file of training settings (flags override it)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue a run: a checkpoint folder, or (no value) the latest under --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
+    add_train_flags(p)
+
+    def run(args) -> int:
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        tc = load_train_config(args.config, {k: v for k, v in vars(args).items() if k in names})
+        resume = None
+        if args.resume:
+            resume = Path(tc.out) / "checkpoints" if args.resume == "auto" else Path(args.resume)
+        try:
+            last = Trainer(tc, resume=resume, progress=not args.no_progress).train()
+        except TrainingDiverged as e:
+            print(f"dsv3 train: {e}")
+            return 1
+        print(json.dumps({k: v for k, v in last.items() if not isinstance(v, list)}))
+        print(f"model written to {Path(tc.out) / 'model'}")
+        return 0
+
+    p.set_defaults(func=run)
