@@ -132,9 +132,11 @@ def _check_parquet(path: Path) -> None:
         raise ValueError(f"the 'text' column of parquet file {path} holds {kind}, not strings")
 
 
-def discover(inputs: Iterable[str | Path]) -> tuple[list[Path], list[dict], int]:
+def discover(inputs: Iterable[str | Path], exclude: Path | None = None) -> tuple[list[Path], list[dict], int]:
     """(files to tokenize, sorted; skipped files as {path, reason}; number of empty or non-text files passed over in
-    folders). Raises for missing, unreadable or empty inputs and for folders without any text file."""
+    folders). Folder walks leave out `exclude` (the output dataset, which may sit inside the corpus). Raises for
+    missing, unreadable or empty inputs and for folders without any text file."""
+    exclude = exclude.resolve() if exclude is not None else None
     found: dict[Path, None] = {}
     passed_over = 0
     inputs = list(inputs)
@@ -146,6 +148,8 @@ def discover(inputs: Iterable[str | Path]) -> tuple[list[Path], list[dict], int]
         if item.is_dir():
             before = len(found)
             for path in _walk(item):
+                if exclude is not None and path.resolve().is_relative_to(exclude):
+                    continue
                 known = path.suffix.lower() in TEXT_SUFFIXES or _kind(path) != "text"
                 if path.stat().st_size == 0 or not (known or _looks_like_text(path)):
                     passed_over += 1
@@ -408,7 +412,7 @@ def prepare(inputs: list[str | Path], out: Path, tokenizer: Path | None = None, 
         raise ValueError(f"{out} exists and is not a dsv3 dataset; refusing to replace it")
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer file not found: {tokenizer}")
-    files, skipped, passed_over = discover(inputs)
+    files, skipped, passed_over = discover(inputs, exclude=out)
     splits = dict(zip(("train", "val"), split_by_file(files, val_fraction, seed)))
     units = {path: _units(path) for path in files}
 

@@ -89,6 +89,7 @@ class TrainConfig:
     save_interval: int = 500
     keep_checkpoints: int = 2
     peak_tflops: float | None = None  # for MFU; None: known GPUs only
+    deterministic: bool | None = None  # None: on the CPU only, where it costs little and makes resume bit-exact
 
     def __post_init__(self) -> None:
         checks = [
@@ -213,8 +214,20 @@ class Trainer:
         return total, parts
 
     # ---- the loop --------------------------------------------------------------------------------------------
-    def train(self) -> dict:
+    def train(self, stop_at: int | None = None) -> dict:
+        """Train to max_steps, or pause at step `stop_at` with a checkpoint (resume later with the same config)."""
+        deterministic = self.tc.deterministic if self.tc.deterministic is not None else self.device.type == "cpu"
+        before = torch.are_deterministic_algorithms_enabled()
+        # Parallel CPU kernels of index_add and index_put accumulate in a varying order otherwise.
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        try:
+            return self._train(stop_at)
+        finally:
+            torch.use_deterministic_algorithms(before)
+
+    def _train(self, stop_at: int | None) -> dict:
         tc = self.tc
+        end = min(stop_at, tc.max_steps) if stop_at is not None else tc.max_steps
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2))
         metrics = (self.out / "metrics.jsonl").open("a")
@@ -222,7 +235,7 @@ class Trainer:
         self.model.train()
         last = {}
         t_log, tokens_log = time.perf_counter(), self.tokens_seen
-        while self.step < tc.max_steps:
+        while self.step < end:
             lr = self.schedule(self.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -272,11 +285,12 @@ class Trainer:
                 ev = {"step": self.step, "tokens": self.tokens_seen, **self.evaluate()}
                 _write(metrics, ev)
                 last.update(ev)
-            if self.step % tc.save_interval == 0 or self.step == tc.max_steps:
+            if self.step % tc.save_interval == 0 or self.step == end:
                 self.save_checkpoint()
         bar.close()
         metrics.close()
-        save_model(self.model, self.out / "model", tokenizer_dir=self.train_data.tokenizer_path.parent)
+        if self.step == tc.max_steps:
+            save_model(self.model, self.out / "model", tokenizer_dir=self.train_data.tokenizer_path.parent)
         return last
 
     @torch.no_grad()
@@ -433,6 +447,7 @@ def register(sub) -> None:
     p.add_argument("--config", help="a TOML or JSON file of training settings (flags override it)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue a run: a checkpoint folder, or (no value) the latest under --out")
+    p.add_argument("--stop-at", type=int, help="pause at this step with a checkpoint (continue with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     add_train_flags(p)
 
@@ -443,12 +458,13 @@ def register(sub) -> None:
         if args.resume:
             resume = Path(tc.out) / "checkpoints" if args.resume == "auto" else Path(args.resume)
         try:
-            last = Trainer(tc, resume=resume, progress=not args.no_progress).train()
+            last = Trainer(tc, resume=resume, progress=not args.no_progress).train(stop_at=args.stop_at)
         except TrainingDiverged as e:
             print(f"dsv3 train: {e}")
             return 1
         print(json.dumps({k: v for k, v in last.items() if not isinstance(v, list)}))
-        print(f"model written to {Path(tc.out) / 'model'}")
+        if last.get("step") == tc.max_steps:
+            print(f"model written to {Path(tc.out) / 'model'}")
         return 0
 
     p.set_defaults(func=run)

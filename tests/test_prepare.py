@@ -238,6 +238,14 @@ def test_failed_run_leaves_the_previous_dataset_intact(tmp_path):
         prepare([tmp_path / "corpus"], tmp_path / "precious", vocab_size=300, val_fraction=0.5, workers=1)
 
 
+def test_a_dataset_inside_its_corpus_is_not_read_back(tmp_path):
+    for i in range(3):
+        write(tmp_path / f"{i}.txt", f"words of file {i} " * 30)
+    first = prepare([tmp_path], tmp_path / "ds", vocab_size=300, val_fraction=0.3, workers=1)
+    second = prepare([tmp_path], tmp_path / "ds", vocab_size=300, val_fraction=0.3, workers=1)
+    assert second == first and first["passed_over"] == 0
+
+
 def test_cli_prints_a_summary(tmp_path, capsys):
     for i in range(3):
         write(tmp_path / "corpus" / f"{i}.txt", f"line {i}\n" * 40)

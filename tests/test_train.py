@@ -1,0 +1,163 @@
+"""Training: balancing against hand computations, MTP targets, exact resume, divergence handling, schedules."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.balance import balance_loss, max_violation, update_bias
+from dsv3.model import MoE, Routing
+from dsv3.prepare import prepare
+from dsv3.schedule import LRSchedule, batch_size_at
+from dsv3.train import TrainConfig, Trainer, TrainingDiverged, load_train_config, mtp_terms
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, ):
+    from tests.conftest import SHARED_DATA
+
+    text = (SHARED_DATA / "corpus" / "shakespeare.txt").read_text(encoding="utf-8")[:300_000]
+    src = tmp_path_factory.mktemp("corpus")
+    for i in range(6):  # whole files go to validation: make several
+        (src / f"part{i}.txt").write_text(text[i * 50_000:(i + 1) * 50_000], encoding="utf-8")
+    out = tmp_path_factory.mktemp("data") / "ds"
+    prepare([src], out, vocab_size=512, val_fraction=0.2, workers=1)
+    return out
+
+
+def _tc(dataset, out, **kw):
+    base = dict(preset="tiny", data=str(dataset), out=str(out), seq_len=64, micro_batch=4, batch_size=8,
+                max_steps=20, lr=3e-3, warmup_steps=3, log_interval=1, eval_interval=1000, eval_batches=2,
+                save_interval=1000, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_bias_update_balances_a_skewed_router():
+    cfg = dsv3.ModelConfig.preset("tiny", n_group=1, topk_group=1)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, std=0.02)
+    torch.nn.init.normal_(moe.experts.gate_up_proj, std=0.02)
+    torch.nn.init.normal_(moe.experts.down_proj, std=0.02)
+    with torch.no_grad():
+        moe.gate.weight[:3] += 0.3  # three experts favoured by every token
+    x = torch.randn(512, cfg.hidden_size).abs()
+    moe(x)
+    before = max_violation(moe.load)
+    for _ in range(300):
+        moe(x)
+        update_bias([moe], [moe.load], gamma=0.01)
+    moe(x)
+    assert before > 1.5 and max_violation(moe.load) < 0.5 * before
+
+
+def test_sequence_wise_loss_matches_hand_computation():
+    b, t, e, k = 2, 5, 4, 2
+    scores = torch.rand(b * t, e)
+    indices = torch.stack([torch.randperm(e)[:k] for _ in range(b * t)])
+    routing = Routing(torch.ones(b * t, k), indices, scores)
+    expected = 0.0
+    for s in range(b):
+        total = 0.0
+        for i in range(e):
+            f = e / (k * t) * sum(int(i in indices[s * t + j].tolist()) for j in range(t))
+            p = sum((scores[s * t + j, i] / scores[s * t + j].sum()).item() for j in range(t)) / t
+            total += f * p
+        expected += total / b
+    assert math.isclose(balance_loss(routing, b, e, k).item(), expected, rel_tol=1e-5)
+    # per_sequence=False: the whole batch as one group (the classic auxiliary loss)
+    whole = Routing(routing.weights, indices, scores)
+    f = torch.zeros(e).index_add_(0, indices.flatten(), torch.ones(b * t * k)) * e / (k * b * t)
+    p = (scores / scores.sum(-1, keepdim=True)).mean(0)
+    assert math.isclose(balance_loss(whole, b, e, k, per_sequence=False).item(), (f * p).sum().item(), rel_tol=1e-5)
+
+
+def test_mtp_targets_are_shifted_by_k_plus_one():
+    t, v = 6, 11
+    batch = torch.randint(0, v, (1, t + 1))
+    logits = [torch.randn(1, t, v), torch.randn(1, t, v)]
+    losses, accs = mtp_terms(logits, batch)
+    for k, (loss, logit) in enumerate(zip(losses, logits), start=1):
+        terms = [-torch.log_softmax(logit[0, i], -1)[batch[0, i + k + 1]] for i in range(t - k)]
+        assert math.isclose(loss.item(), torch.stack(terms).mean().item(), rel_tol=1e-5)
+    perfect = [torch.nn.functional.one_hot(batch[:, 2:], v).float().mul(10)]
+    perfect[0] = torch.cat([perfect[0], torch.zeros(1, 1, v)], dim=1)  # position T-1 has no depth-1 target
+    assert mtp_terms(perfect, batch)[1][0].item() == 1.0
+
+
+def test_exact_resume(dataset, tmp_path):
+    straight = tmp_path / "straight"
+    Trainer(_tc(dataset, straight), progress=False).train()
+    first = tmp_path / "resumed"
+    Trainer(_tc(dataset, first), progress=False).train(stop_at=10)
+    Trainer(_tc(dataset, first), resume=first / "checkpoints", progress=False).train()
+    a, b = _losses(straight), _losses(first)
+    assert len(a) == 20 and len(b) == 20
+    assert a == b  # bit-identical at every step
+    assert a[-1] < a[0] - 0.5  # and it learns
+
+
+def test_non_finite_loss_stops_with_checkpoint_intact(dataset, tmp_path):
+    out = tmp_path / "run"
+    Trainer(_tc(dataset, out, max_steps=6), progress=False).train(stop_at=2)
+    trainer = Trainer(_tc(dataset, out, max_steps=6), resume=out / "checkpoints", progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with torch.no_grad():
+        trainer.model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss .* step 2.*step-00000002"):
+        trainer.train()
+    # the optimiser never applied the bad step, and the checkpoint still loads whole
+    assert torch.equal(trainer.model.layers[0].self_attn.o_proj.weight, before["layers.0.self_attn.o_proj.weight"])
+    dsv3.load_model(out / "checkpoints" / "step-00000002" / "model")
+
+
+def test_aux_loss_mode_and_keep_last_k(dataset, tmp_path):
+    out = tmp_path / "aux"
+    last = Trainer(_tc(dataset, out, balance="aux_loss", max_steps=6, save_interval=2, keep_checkpoints=2,
+                       eval_interval=3, mtp_depth=0), progress=False).train()
+    assert last["balance_loss"] > 0 and "val_loss" in last and "val_bpb" in last
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    biases = [m.mlp.gate.e_score_correction_bias for m in dsv3.load_model(out / "model").layers[1:]]
+    assert all(torch.count_nonzero(b) == 0 for b in biases)  # no bias updates in the aux-loss ablation
+    assert (out / "model" / "tokenizer.json").is_file()
+
+
+def test_schedules():
+    s = LRSchedule.report_shape(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=148)
+    assert s(0) == pytest.approx(0.1) and s(9) == 1.0 and s(50) == 1.0
+    assert s(s.stable_until) == 1.0 and s(s.decay_until) == 0.1 and s(147) == 0.1
+    mid = (s.stable_until + s.decay_until) // 2
+    assert 0.4 < s(mid) < 0.7
+    assert batch_size_at(0, 4, 20, 1000, multiple=4) == 4
+    assert batch_size_at(500, 4, 20, 1000, multiple=4) == 12
+    assert batch_size_at(5000, 4, 20, 1000, multiple=4) == 20
+
+
+def test_config_file_and_errors(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('preset = "small"\nmax_steps = 7\n')
+    tc = load_train_config(f, {"max_steps": 9, "lr": None})
+    assert tc.preset == "small" and tc.max_steps == 9
+    f.write_text("bogus = 1\n")
+    with pytest.raises(ValueError, match="bogus"):
+        load_train_config(f, {})
+    with pytest.raises(ValueError, match="multiple of micro_batch"):
+        TrainConfig(micro_batch=3, batch_size=8)
+    with pytest.raises(ValueError, match="--data"):
+        Trainer(TrainConfig(), progress=False)
+
+
+def test_plot(dataset, tmp_path):
+    from dsv3.cli import main
+
+    out = tmp_path / "run"
+    Trainer(_tc(dataset, out, max_steps=4, eval_interval=2), progress=False).train()
+    assert main(["plot", str(out)]) == 0
+    for name in ("loss.png", "maxvio.png", "mtp_accuracy.png", "lr.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
