@@ -17,7 +17,7 @@ Notable features:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -298,9 +298,10 @@ class MTPModule(nn.Module):
 
 @dataclass
 class Output:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None when the head is left to the caller (head=False)
     mtp_logits: list[torch.Tensor]  # D x [B, T, V]; depth k at position i predicts token i + k + 1
     hidden: torch.Tensor  # [B, T, D] final normed hidden state (what MTP depth 1 and a drafter read)
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # D x [B, T, D], normed, before the head
 
 
 class Transformer(nn.Module):
@@ -318,8 +319,13 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, mtp: bool = False, positions: torch.Tensor | None = None):
-        """input_ids: [B, T] -> logits [B, T, V]; with mtp=True an `Output` with the MTP logits too."""
+    def forward(self, input_ids: torch.Tensor, mtp: bool = False, positions: torch.Tensor | None = None,
+                head: bool = True):
+        """input_ids: [B, T] -> logits [B, T, V]; with mtp=True an `Output` with the MTP logits too.
+
+        head=False returns an `Output` of hidden states only: a trainer with a large vocabulary applies the head
+        chunk by chunk inside its loss instead of holding [B, T, V] logits.
+        """
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = self.rotary(positions)
@@ -329,17 +335,18 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin)
         h = self.norm(h)
-        logits = self.lm_head(h)
-        if not mtp:
-            return logits
-        mtp_logits, prev = [], h
-        for k, module in enumerate(self.mtp, start=1):
+        if head and not mtp:
+            return self.lm_head(h)
+        mtp_hidden, prev = [], h
+        for k, module in enumerate(self.mtp if mtp else [], start=1):
             # Depth k at position i reads token i + k; positions past the end see padding, which causal
             # attention keeps away from every valid position.
             ahead = F.pad(input_ids[:, k:], (0, k), value=0)
             prev = module(self.embed_tokens(ahead), prev, cos, sin)
-            mtp_logits.append(self.lm_head(prev))
-        return Output(logits, mtp_logits, h)
+            mtp_hidden.append(prev)
+        if not head:
+            return Output(None, [], h, mtp_hidden)
+        return Output(self.lm_head(h), [self.lm_head(x) for x in mtp_hidden], h, mtp_hidden)
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

@@ -67,7 +67,7 @@ def plot_runs(runs: list[str | Path], out: str | Path | None = None) -> list[Pat
         if train and train[0].get("maxvio"):
             for layer in range(len(train[0]["maxvio"])):
                 ax.plot([r["tokens"] for r in train], [r["maxvio"][layer] for r in train], alpha=0.5,
-                        label=f"{label} layer {layer}".strip() if len(data) == 1 else None)
+                        label=f"{label} MoE layer {layer}".strip() if len(data) == 1 else None)
             mean = [sum(r["maxvio"]) / len(r["maxvio"]) for r in train]
             ax.plot([r["tokens"] for r in train], mean, "k-" if len(data) == 1 else "-", linewidth=2,
                     label=f"{label} mean over layers".strip())

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .balance import balance_loss, max_violation, update_bias
 from .checkpoint import load_model, save_model
 from .config import ModelConfig
 from .info import model_stats
+from .loss import head_cross_entropy
 from .loader import PackedLoader, TokenDataset, iter_eval_batches
 from .model import Transformer, build_model
 from .schedule import LRSchedule, batch_size_at, step_value
@@ -192,18 +192,18 @@ class Trainer:
 
     def _losses(self, batch: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict]:
         """batch: [B, T + 1] -> total loss and its parts (detached) for one micro-batch."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        inputs = batch[:, :-1]
         depth = self.cfg.num_nextn_predict_layers
         with self._autocast():
-            out = self.forward(inputs, mtp=depth > 0)
-        logits = out.logits if depth else out
-        main = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        total, parts = main, {"loss": main.detach()}
-        if depth:
-            mtp_losses, mtp_acc = mtp_terms(out.mtp_logits, batch)
-            total = total + lam / depth * torch.stack(mtp_losses).sum()
-            parts["mtp_loss"] = [x.detach() for x in mtp_losses]
-            parts["mtp_acc"] = mtp_acc
+            out = self.forward(inputs, mtp=depth > 0, head=False)
+            main, _ = head_cross_entropy(out.hidden.flatten(0, 1), self.model.lm_head.weight,
+                                         batch[:, 1:].flatten())
+            total, parts = main, {"loss": main.detach()}
+            if depth:
+                mtp_losses, mtp_acc = mtp_terms(out.mtp_hidden, self.model.lm_head.weight, batch)
+                total = total + lam / depth * torch.stack(mtp_losses).sum()
+                parts["mtp_loss"] = [x.detach() for x in mtp_losses]
+                parts["mtp_acc"] = mtp_acc
         alpha = self._balance_alpha()
         if alpha > 0 and self.moe:
             per_seq = self.tc.balance == "aux_free" or self.cfg.seq_aux
@@ -304,15 +304,16 @@ class Trainer:
         for batch in iter_eval_batches(self.val_data, self.tc.micro_batch, self.tc.seq_len, self.tc.eval_batches):
             batch = batch.to(self.device)
             with self._autocast():
-                out = self.forward(batch[:, :-1], mtp=depth > 0)
-            logits = out.logits if depth else out
-            nats += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+                out = self.forward(batch[:, :-1], mtp=depth > 0, head=False)
+                loss, _ = head_cross_entropy(out.hidden.flatten(0, 1), self.model.lm_head.weight,
+                                             batch[:, 1:].flatten())
+                accs = mtp_terms(out.mtp_hidden, self.model.lm_head.weight, batch)[1] if depth else []
+            nats += float(loss) * batch[:, 1:].numel()
             count += batch[:, 1:].numel()
             for load, moe in zip(loads, self.moe):
                 load += moe.load
-            if depth:
-                for k, acc in enumerate(mtp_terms(out.mtp_logits, batch)[1]):
-                    acc_sum[k] += float(acc)
+            for k, acc in enumerate(accs):
+                acc_sum[k] += float(acc)
             batches += 1
         self.model.train()
         val_loss = nats / count
@@ -370,15 +371,17 @@ class Trainer:
         self.last_checkpoint = path
 
 
-def mtp_terms(mtp_logits: list[torch.Tensor], batch: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-depth cross-entropy and top-1 accuracy. batch: [B, T + 1]; depth k's logits at position i predict
-    batch[:, i + k + 1], so positions T - k.. have no target inside the batch and are left out."""
+def mtp_terms(mtp_hidden: list[torch.Tensor], head: torch.Tensor,
+              batch: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-depth cross-entropy and top-1 accuracy. mtp_hidden: D x [B, T, D]; head: [V, D]; batch: [B, T + 1].
+    Depth k's output at position i predicts batch[:, i + k + 1], so positions T - k.. have no target in the batch
+    and are left out."""
     t = batch.shape[1] - 1
     losses, accs = [], []
-    for k, logits in enumerate(mtp_logits, start=1):
-        pred, target = logits[:, : t - k].float(), batch[:, k + 1:]
-        losses.append(F.cross_entropy(pred.flatten(0, 1), target.flatten()))
-        accs.append((pred.argmax(-1) == target).float().mean().detach())
+    for k, hidden in enumerate(mtp_hidden, start=1):
+        loss, acc = head_cross_entropy(hidden[:, : t - k].flatten(0, 1), head, batch[:, k + 1:].flatten())
+        losses.append(loss)
+        accs.append(acc)
     return losses, accs
 
 

@@ -11,6 +11,7 @@ from dsv3.balance import balance_loss, max_violation, update_bias
 from dsv3.model import MoE, Routing
 from dsv3.prepare import prepare
 from dsv3.schedule import LRSchedule, batch_size_at
+from dsv3.loss import head_cross_entropy
 from dsv3.train import TrainConfig, Trainer, TrainingDiverged, load_train_config, mtp_terms
 
 
@@ -78,16 +79,32 @@ def test_sequence_wise_loss_matches_hand_computation():
 
 
 def test_mtp_targets_are_shifted_by_k_plus_one():
-    t, v = 6, 11
+    t, v, d = 6, 11, 5
     batch = torch.randint(0, v, (1, t + 1))
-    logits = [torch.randn(1, t, v), torch.randn(1, t, v)]
-    losses, accs = mtp_terms(logits, batch)
-    for k, (loss, logit) in enumerate(zip(losses, logits), start=1):
-        terms = [-torch.log_softmax(logit[0, i], -1)[batch[0, i + k + 1]] for i in range(t - k)]
+    head = torch.randn(v, d)
+    hidden = [torch.randn(1, t, d), torch.randn(1, t, d)]
+    losses, accs = mtp_terms(hidden, head, batch)
+    for k, (loss, h) in enumerate(zip(losses, hidden), start=1):
+        logits = h[0] @ head.T
+        terms = [-torch.log_softmax(logits[i], -1)[batch[0, i + k + 1]] for i in range(t - k)]
         assert math.isclose(loss.item(), torch.stack(terms).mean().item(), rel_tol=1e-5)
-    perfect = [torch.nn.functional.one_hot(batch[:, 2:], v).float().mul(10)]
-    perfect[0] = torch.cat([perfect[0], torch.zeros(1, 1, v)], dim=1)  # position T-1 has no depth-1 target
-    assert mtp_terms(perfect, batch)[1][0].item() == 1.0
+        hits = [int(logits[i].argmax() == batch[0, i + k + 1]) for i in range(t - k)]
+        assert math.isclose(accs[k - 1].item(), sum(hits) / (t - k), rel_tol=1e-6)
+
+
+def test_chunked_head_loss_matches_full_logits():
+    hidden = torch.randn(37, 8, requires_grad=True)
+    head = torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    targets[5] = -100
+    loss, acc = head_cross_entropy(hidden, head, targets, chunk_tokens=10)
+    ref = torch.nn.functional.cross_entropy(hidden @ head.T, targets, ignore_index=-100)
+    assert torch.allclose(loss, ref, atol=1e-6)
+    ga = torch.autograd.grad(loss, (hidden, head))
+    gb = torch.autograd.grad(ref, (hidden, head))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ga, gb))
+    mask = targets != -100
+    assert math.isclose(acc.item(), ((hidden @ head.T).argmax(-1) == targets)[mask].float().mean().item())
 
 
 def test_exact_resume(dataset, tmp_path):

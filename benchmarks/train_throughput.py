@@ -1,0 +1,153 @@
+"""Training throughput: dsv3's trainer step vs transformers' DeepseekV3ForCausalLM on the same config and batch.
+
+    python -m benchmarks.train_throughput --preset 1b --batch 8 --seq 2048
+
+Both train from fp32 master weights under bf16 autocast with fused AdamW (betas 0.9/0.95, weight decay 0.1), grad
+clipping at 1.0, on the same random-token batches. dsv3 runs its own `Trainer` pieces (loss with the sequence-wise
+balance term, the auxiliary-loss-free bias update after each step); MTP is off in the head-to-head row (transformers
+has no MTP) and timed separately. MFU uses dsv3's FLOP count (`dsv3.info`) and the bf16 dense peak of the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import dsv3
+from benchmarks.common import save_results
+from dsv3.balance import balance_loss, update_bias
+from dsv3.info import model_stats
+from dsv3.loss import head_cross_entropy
+from dsv3.train import PEAK_BF16_TFLOPS, mtp_terms
+
+
+def _optimizer(model):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                             lr=1e-4, betas=(0.9, 0.95), fused=True)
+
+
+def _time_steps(step, n_warmup: int, n_steps: int) -> float:
+    for _ in range(n_warmup):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n_steps
+
+
+def dsv3_step_fn(model, batches, mtp: bool):
+    cfg = model.cfg
+    opt = _optimizer(model)
+    moe = model.moe_layers()
+    for m in moe:
+        m.keep_routing = True
+    it = iter(range(10**9))
+    head = model.lm_head.weight
+
+    def step():
+        batch = batches[next(it) % len(batches)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # the trainer's loss: the head applied in chunks
+            out = model(batch[:, :-1], mtp=mtp, head=False)
+            loss, _ = head_cross_entropy(out.hidden.flatten(0, 1), head, batch[:, 1:].flatten())
+            if mtp:
+                loss = loss + 0.3 * mtp_terms(out.mtp_hidden, head, batch)[0][0]
+        loss = loss + 1e-4 * sum(balance_loss(m.routing, batch.shape[0], cfg.n_routed_experts,
+                                              cfg.num_experts_per_tok) for m in moe)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_bias(moe, [m.load for m in moe], 1e-3)
+
+    return step
+
+
+def hf_step_fn(model, batches):
+    opt = _optimizer(model)
+    it = iter(range(10**9))
+
+    def step():
+        batch = batches[next(it) % len(batches)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="1b")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--compile", action="store_true", help="also time dsv3 under torch.compile")
+    p.add_argument("--hf-impls", default="grouped_mm,eager")
+    args = p.parse_args()
+    import transformers
+
+    device = torch.device("cuda")
+    cfg = dsv3.ModelConfig.preset(args.preset)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
+               for _ in range(4)]
+    tokens = args.batch * args.seq
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 989.0) * 1e12
+    flops = {d: model_stats(cfg.replace(num_nextn_predict_layers=d), args.seq) for d in (0, 1)}
+    fpt = {0: 3 * flops[0].fwd_flops_per_token, 1: flops[1].train_flops_per_token}
+    results: dict = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "peak_tflops": peak / 1e12,
+                     "train_flops_per_token": fpt}
+
+    def record(key: str, seconds: float, flops_per_token: float) -> None:
+        results[f"{key}_tokens_per_s"] = tokens / seconds
+        results[f"{key}_mfu"] = tokens / seconds * flops_per_token / peak
+        print(f"{key}: {tokens / seconds:,.0f} tokens/s, MFU {100 * results[f'{key}_mfu']:.1f}%", flush=True)
+
+    variants = [("dsv3", 0, False), ("dsv3_mtp", 1, False)]
+    if args.compile:
+        variants += [("dsv3_compiled", 0, True), ("dsv3_mtp_compiled", 1, True)]
+    for key, depth, compiled in variants:
+        model = dsv3.build_model(cfg.replace(num_nextn_predict_layers=depth), device=device, seed=0)
+        model.train()
+        run = torch.compile(model) if compiled else model
+        record(key, _time_steps(dsv3_step_fn(run, batches, mtp=depth > 0), 3 if compiled else 2, args.steps),
+               fpt[depth])
+        del model, run
+        torch.cuda.empty_cache()
+
+    hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in cfg.replace(num_nextn_predict_layers=0)
+                                              .to_hf().items() if k not in ("architectures", "torch_dtype")})
+    for impl in args.hf_impls.split(","):
+        try:
+            hf = transformers.DeepseekV3ForCausalLM._from_config(hf_cfg, experts_implementation=impl,
+                                                                 attn_implementation="sdpa").to(device)
+        except (TypeError, ValueError) as e:
+            results[f"hf_{impl}_error"] = str(e)[:200]
+            continue
+        hf.train()
+        record(f"hf_{impl}", _time_steps(hf_step_fn(hf, batches), 2, args.steps), fpt[0])
+        del hf
+        torch.cuda.empty_cache()
+    for impl in args.hf_impls.split(","):
+        if f"hf_{impl}_tokens_per_s" in results:
+            for key in ("dsv3", "dsv3_compiled"):
+                if f"{key}_tokens_per_s" in results:
+                    results[f"ratio_{key}_vs_hf_{impl}"] = (results[f"{key}_tokens_per_s"]
+                                                            / results[f"hf_{impl}_tokens_per_s"])
+    save_results(f"train_throughput_{args.preset}", results)
+
+
+if __name__ == "__main__":
+    main()
