@@ -234,7 +234,9 @@ class Experts(nn.Module):
         gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
         ys = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs)  # [N*K, D]
         ys = ys * routing.weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
-        return x.new_zeros(n_tok, x.shape[-1]).index_add_(0, token, ys), counts
+        # Sum the k expert outputs of each token in fp32 (under autocast ys is bf16).
+        out = torch.zeros(n_tok, x.shape[-1], device=x.device, dtype=torch.float32).index_add_(0, token, ys.float())
+        return out.to(ys.dtype), counts
 
 
 class MoE(nn.Module):

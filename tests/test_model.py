@@ -164,3 +164,17 @@ def test_yarn_frequencies_and_mscale():
     assert torch.allclose(inv_freq[-3:], base[-3:] / 40)  # slow dims interpolated by the factor
     m = 0.1 * math.log(40) + 1
     assert math.isclose(cfg.softmax_scale, 192**-0.5 * m * m)
+
+
+def test_training_step_under_bf16_autocast():
+    # The GPU trainer's path (fp32 master weights, bf16 autocast), run through CPU autocast.
+    cfg = dsv3.ModelConfig.preset("tiny")
+    model = build_model(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 33))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids[:, :-1], mtp=True)
+        loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.layers[1].mlp.experts.gate_up_proj.grad.abs().sum() > 0
+    assert model.layers[1].mlp.gate.weight.grad.abs().sum() > 0  # routing learns through the gate weights

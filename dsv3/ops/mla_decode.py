@@ -15,7 +15,8 @@ Notable features:
 - The kernel is split-K ("flash decoding"): programs over (row, block of 16 heads, split of the pages) each run an
   online softmax over their pages and write a partial output with its log-sum-exp; a torch epilogue merges the
   splits. The split count depends on shapes only, never on the lengths, so the launch can live in a CUDA graph.
-- Any C, R and head count (power-of-two tiles with masks); tokens past a row's length are never read.
+- Any C, R and head count (power-of-two tiles with masks); tokens past a row's length are never read. Queries, seq
+  and lengths may be strided views (the engine passes columns of its packed row tensor).
 - `mla_decode_reference` is the plain gather-and-softmax the kernel is tested against; it is also the CPU path.
 """
 
@@ -90,9 +91,10 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
     lse = q_lat.new_empty(m, splits, h, dtype=torch.float32)
     _mla_decode_split[(m, head_blocks, splits)](
         q_lat, q_pe, kv_cache, block_tables, seq, lengths, partial, lse, float(scale),
-        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), block_tables.stride(0),
-        h, pages_per_split,
-        C=c, R=r, BLOCK_C=triton.next_power_of_2(c), BLOCK_R=triton.next_power_of_2(r),
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), block_tables.stride(0), seq.stride(0),
+        lengths.stride(0), h, pages_per_split,
+        # tl.dot wants every tile dimension >= 16; the masks keep the padding out.
+        C=c, R=r, BLOCK_C=max(16, triton.next_power_of_2(c)), BLOCK_R=max(16, triton.next_power_of_2(r)),
         BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, PAGE=page, num_warps=4, num_stages=2,
     )
     # Merge the splits: each partial is normalised by its own softmax sum, so weight it by exp(lse - logsumexp).
@@ -104,7 +106,7 @@ if triton is not None:
 
     @triton.jit
     def _mla_decode_split(Q, QPE, KV, BT, SEQ, LENS, OUT, LSE, scale,
-                          stride_qm, stride_qh, stride_pm, stride_ph, stride_bt,
+                          stride_qm, stride_qh, stride_pm, stride_ph, stride_bt, stride_seq, stride_len,
                           H, PAGES_PER_SPLIT,
                           C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
@@ -124,8 +126,8 @@ if triton is not None:
         q_pe = tl.load(QPE + row * stride_pm + heads[:, None] * stride_ph + offs_r[None, :],
                        mask=hmask[:, None] & rmask[None, :], other=0.0)  # [BLOCK_H, BLOCK_R]
 
-        table = BT + tl.load(SEQ + row).to(tl.int64) * stride_bt
-        length = tl.load(LENS + row)
+        table = BT + tl.load(SEQ + row * stride_seq).to(tl.int64) * stride_bt
+        length = tl.load(LENS + row * stride_len)
         start = split * PAGES_PER_SPLIT * PAGE
         end = tl.minimum(start + PAGES_PER_SPLIT * PAGE, length)
 

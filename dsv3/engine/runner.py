@@ -1,0 +1,123 @@
+"""The model over the paged cache: one flat batch of token rows per forward, for the main model and the MTP drafter.
+
+Notable features:
+- `rows_for` lays a step's work out as the int64 rows of `attention.Step` (decode rows first, then prefill chunks)
+  plus one block table per sequence, built on the host and moved to the device in two copies.
+- The forward reuses the model's own modules and weights (embedding, blocks, norms, head, rotary); only attention is
+  swapped for the cache-backed one.
+- `greedy_speculative` fuses a speculative decode step of plain greedy requests (main forward, drafter, both
+  argmaxes) into one call that needs no host round trip in between; CUDA graphs capture it whole.
+- Expert load per MoE layer is counted from each MoE's routing of the step, over real rows only: the padding rows
+  of a CUDA-graph batch are masked out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model import MoE, Transformer
+from .attention import Step, block_forward, mtp_forward
+from .cache import LatentCache
+from .request import Request
+
+
+@dataclass
+class Work:
+    """What one request feeds this step: `tokens` at positions start, start + 1, ..."""
+
+    req: Request
+    tokens: list[int]
+    start: int
+    decode: bool  # decode rows (one token, or a token and its draft) use absorbed attention
+
+
+@dataclass
+class HostRows:
+    rows: torch.Tensor  # [R, 6] int64 (attention.Step's columns)
+    tables: torch.Tensor  # [S, W] int64
+    decode_rows: int
+    prefills: list[tuple[int, int, int, int]]
+
+
+PAD_ROW = (0, 0, 0, 1, 0, 0)  # token 0 at position 0, written to scratch slot 0, seeing one token; not valid
+
+
+def rows_for(works: list[Work], cache: LatentCache, pad_to: int | None = None, width: int | None = None) -> HostRows:
+    """Decode works must come before prefill works (the scheduler orders them so)."""
+    rows, prefills, decode_rows = [], [], 0
+    for seq, w in enumerate(works):
+        if w.decode:
+            decode_rows += len(w.tokens)
+        else:
+            prefills.append((len(rows), len(w.tokens), w.start, seq))
+        for i, token in enumerate(w.tokens):
+            pos = w.start + i
+            rows.append((token, pos, cache.slot(w.req.blocks, pos), pos + 1, 1, seq))
+    if pad_to is not None:
+        rows += [PAD_ROW] * (pad_to - len(rows))
+    width = width or max(len(w.req.blocks) for w in works)
+    tables = [w.req.blocks + [0] * (width - len(w.req.blocks)) for w in works]
+    return HostRows(torch.tensor(rows, dtype=torch.int64), torch.tensor(tables, dtype=torch.int64), decode_rows,
+                    prefills)
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: LatentCache, use_triton: bool):
+        self.model = model
+        self.cache = cache
+        self.use_triton = use_triton
+        self.device = cache.kv.device
+        self.moes = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
+        for moe in self.moes:
+            moe.keep_routing = True  # the routing of the last forward, to count expert load over real rows
+
+    def to_device(self, host: HostRows) -> Step:
+        return Step(host.rows.to(self.device, non_blocking=True), host.tables.to(self.device, non_blocking=True),
+                    host.decode_rows, host.prefills, self.use_triton)
+
+    def _rotary(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.model.rotary(step.positions)  # [R, rope/2]
+        return cos.unsqueeze(0), sin.unsqueeze(0)
+
+    def forward(self, step: Step) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> the final normed hidden state of every row [R, D], and tokens per expert [MoE layers, E] (or None)."""
+        m = self.model
+        cos, sin = self._rotary(step)
+        x = m.embed_tokens(step.ids).unsqueeze(0)  # [1, R, D]
+        for i, layer in enumerate(m.layers):
+            x = block_forward(layer, x, cos, sin, self.cache.layer(i), step)
+        return m.norm(x)[0], self._expert_load(step.valid)
+
+    def forward_mtp(self, step: Step, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """MTP depth 1 over the same rows: row i reads the main hidden state at its position and the embedding of
+        the token after it (next_ids[i]); its output's logits predict the token after that. -> [R, D]"""
+        m = self.model
+        cos, sin = self._rotary(step)
+        layer = self.cache.layer(m.cfg.num_hidden_layers)
+        emb = m.embed_tokens(next_ids).unsqueeze(0)
+        return mtp_forward(m.mtp[0], emb, hidden.unsqueeze(0), cos, sin, layer, step)[0]
+
+    def greedy_speculative(self, step: Step) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A speculative decode step for requests that are all plain greedy. There the token after each row is the
+        argmax of its logits (on every row a request keeps), so the drafter can read it without a trip to the host.
+        -> ([2, R] the argmax of the main and of the MTP logits of each row, expert load)"""
+        hidden, load = self.forward(step)
+        tokens = self.logits(hidden).argmax(dim=-1)
+        drafts = self.logits(self.forward_mtp(step, hidden, tokens)).argmax(dim=-1)
+        return torch.stack([tokens, drafts]), load
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()  # [N, V]
+
+    def _expert_load(self, valid: torch.Tensor) -> torch.Tensor | None:
+        if not self.moes:
+            return None
+        n_layers, n_exp = len(self.moes), self.moes[0].experts.gate_up_proj.shape[0]
+        # One scatter for all layers: layer l's expert e counts in bin l * E + e.
+        idx = torch.stack([moe.routing.indices for moe in self.moes])  # [L, R, K]
+        idx = idx + torch.arange(n_layers, device=idx.device).view(-1, 1, 1) * n_exp
+        weight = valid.view(1, -1, 1).expand_as(idx).float()
+        load = torch.zeros(n_layers * n_exp, device=idx.device).scatter_add_(0, idx.flatten(), weight.flatten())
+        return load.view(n_layers, n_exp)

@@ -1,0 +1,249 @@
+"""FP8 training with DeepSeek-V3's recipe: `apply_fp8(model)` and an AdamW with bf16 moments. The recipe and its
+tensor layouts are explained at the top of `fp8.py`.
+
+Notable features:
+- `apply_fp8` switches a dsv3 Transformer to FP8 in place: every nn.Linear but the output head becomes an
+  `Fp8Linear` (attention projections, dense MLPs, shared experts, MTP's eh_proj) and the routed experts an
+  `Fp8Experts`. The module objects, parameters and names stay the same, so an optimiser built before still holds
+  them and checkpoints do not change. Embedding, head, gate, norms and the attention core are left as they are.
+- One autograd function serves dense layers and experts: Fprop, Dgrad and Wgrad in FP8 with fp32 accumulation.
+  The input is kept for the backward only in its 128x1 FP8 form (half the bytes of bf16).
+- Quantised weights are cached until the weight changes (its version counter moves when the optimiser steps), so
+  the micro-batches of one step, and recomputation under activation checkpointing, quantise each weight once.
+- Emulation (quantise, dequantise, matmul in fp32) where the kernels cannot run, the CPU included: the same tiles
+  and scales, so the same numerics up to summation order. apply_fp8 says when it falls back to it.
+- Under autocast the FP8 layers return the autocast dtype, as nn.Linear would; gradients of the master weights
+  are fp32.
+- `make_adamw(..., bf16_moments=True)`: AdamW whose two moments are stored in bf16 and updated in fp32.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import types
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import model as model_module
+from .model import Experts
+from .ops import fp8_gemm as ops
+
+
+@dataclass(frozen=True)
+class Fp8Settings:
+    emulate: bool  # quantise, dequantise, matmul in fp32 instead of the FP8 kernels
+    pow2: bool = False  # power-of-two scales (DeepSeek-V3.1's ue8m0)
+
+
+class _Fp8MatMul(torch.autograd.Function):
+    """y = x w_g^T for the rows of each group g, its three GEMMs in FP8.
+
+    x: [M, K]; weight: [G, N, K], the master weight, an input only to receive its gradient; wq, wqt, ws: its
+    quantised form (ops.WeightFp8); offs: [G] int32 row ends, or None for one group (a dense layer)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, wq, wqt, ws, offs, settings: Fp8Settings, out_dtype: torch.dtype):
+        m, k = x.shape
+        n = weight.shape[1]
+        ctx.settings, ctx.shape, ctx.dtypes = settings, (weight.shape[0], m, n, k), (x.dtype, weight.dtype)
+        if m == 0:
+            return x.new_zeros((0, n), dtype=out_dtype)
+        tiles = ops.row_tiles(m, offs, x.device)
+        keep = ctx.needs_input_grad[1]
+        with torch.autocast(x.device.type, enabled=False):
+            xq = ops.quantize_act(x, tiles, settings.pow2, with_cols=keep, emulate=settings.emulate)
+            y = ops.gemm(xq.q, xq.s, wq, ws, tiles, n, out_dtype, settings.emulate)
+        ctx.tiles = tiles
+        ctx.save_for_backward(xq.qt, xq.st, wqt, ws)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        settings, (g, m, n, k), (x_dtype, w_dtype) = ctx.settings, ctx.shape, ctx.dtypes
+        need_x, need_w = ctx.needs_input_grad[:2]
+        dx = dw = None
+        if m == 0:
+            dx = dy.new_zeros((0, k), dtype=x_dtype) if need_x else None
+            dw = torch.zeros((g, n, k), dtype=w_dtype, device=dy.device) if need_w else None
+            return dx, dw, None, None, None, None, None, None
+        xqt, xst, wqt, ws = ctx.saved_tensors
+        tiles = ctx.tiles
+        with torch.autocast(dy.device.type, enabled=False):
+            dyq = ops.quantize_act(dy, tiles, settings.pow2, with_cols=need_w, emulate=settings.emulate)
+            if need_x:  # Dgrad: dY in 1x128 tiles against the transposed weight blocks
+                dx = ops.gemm(dyq.q, dyq.s, wqt, ws.transpose(1, 2), tiles, k, x_dtype, settings.emulate)
+            if need_w:  # Wgrad: dY and X both in 128x1 tiles along the tokens
+                dw = ops.wgrad(dyq, ops.ActFp8(None, None, xqt, xst), tiles, n, k, settings.emulate).to(w_dtype)
+        return dx, dw, None, None, None, None, None, None
+
+
+class _WeightCache:
+    """Quantised weights, kept until the weight changes. An entry holds an alias of its source tensor, so no other
+    tensor can take the same address while it lives, and the version counter tells in-place updates apart."""
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def get(self, w: torch.Tensor, settings: Fp8Settings) -> ops.WeightFp8:
+        if torch.compiler.is_compiling():
+            return ops.quantize_weight(w.detach(), settings.pow2, settings.emulate)
+        key = (w.data_ptr(), tuple(w.shape), w.stride())
+        hit = self._entries.get(key)
+        if hit is not None and hit[1] == w._version and hit[2] == settings:
+            return hit[3]
+        with torch.no_grad():
+            wq = ops.quantize_weight(w.detach(), settings.pow2, settings.emulate)
+        self._entries[key] = (w.detach(), w._version, settings, wq)
+        return wq
+
+
+def _fp8_matmul(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor | None, settings: Fp8Settings,
+                cache: _WeightCache) -> torch.Tensor:
+    # x: [M, K], weight: [G, N, K] -> [M, N] in the autocast dtype under autocast, else x's
+    dev = x.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    wq = cache.get(weight, settings)
+    return _Fp8MatMul.apply(x, weight, wq.q, wq.qt, wq.s, offs, settings, out_dtype)
+
+
+class Fp8Linear(nn.Linear):
+    """nn.Linear with FP8 GEMMs; made by apply_fp8 from an nn.Linear, parameters untouched."""
+
+    fp8: Fp8Settings
+    _fp8_cache: _WeightCache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N]
+        y = _fp8_matmul(x.reshape(-1, x.shape[-1]), self.weight.unsqueeze(0), None, self.fp8, self._fp8_cache)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+_ACTIVE_EXPERTS: contextvars.ContextVar[Fp8Experts] = contextvars.ContextVar("fp8_experts")
+
+
+def _grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return _ACTIVE_EXPERTS.get().grouped_mm(x, w, offs)
+
+
+# Experts.forward's own code, run with its global `grouped_mm` bound to the FP8 version: dispatch, expert weighting
+# and combine stay in one place (model.py), so the FP8 path cannot drift from the bf16 one and model.py needs no
+# FP8 hook. The module being run is passed through a context variable.
+_experts_forward = types.FunctionType(Experts.forward.__code__, {**vars(model_module), "grouped_mm": _grouped_mm_fp8},
+                                      "forward", Experts.forward.__defaults__, Experts.forward.__closure__)
+
+
+class Fp8Experts(Experts):
+    """Routed experts whose two grouped GEMMs (gate/up and down) run in FP8; made by apply_fp8 from Experts."""
+
+    fp8: Fp8Settings
+    _fp8_cache: _WeightCache
+
+    def forward(self, x: torch.Tensor, routing: model_module.Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        token = _ACTIVE_EXPERTS.set(self)
+        try:
+            return _experts_forward(self, x, routing)
+        finally:
+            _ACTIVE_EXPERTS.reset(token)
+
+    def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        # x: [M, K] rows sorted by expert; w: [E, K, N], the transposed view Experts.forward passes; offs: [E]
+        return _fp8_matmul(x, w.transpose(1, 2), offs, self.fp8, self._fp8_cache)
+
+
+def apply_fp8(model: nn.Module, emulate: bool | None = None, pow2_scales: bool = False) -> nn.Module:
+    """Switch `model` (a dsv3 Transformer) to FP8 training in place and return it.
+
+    emulate=None picks the FP8 kernels where they run (CUDA, compute capability >= 8.9, Triton) and emulation
+    elsewhere, with a warning; emulate=False insists on the kernels and raises where they cannot run."""
+    device = next(model.parameters()).device
+    reason = ops.fp8_unsupported_reason(device)
+    if emulate is None:
+        emulate = reason is not None
+        if emulate:
+            warnings.warn(f"FP8 kernels cannot run here ({reason}); training with FP8 emulated (quantise, "
+                          "dequantise, matmul in fp32): FP8's numerics at below bf16's speed", stacklevel=2)
+    elif not emulate and reason is not None:
+        raise RuntimeError(f"FP8 training needs the FP8 kernels, but {reason}; "
+                           "apply_fp8(model, emulate=True) runs the same numerics anywhere")
+    settings = Fp8Settings(emulate=emulate, pow2=pow2_scales)
+    head = getattr(model, "lm_head", None)
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            # Swapping the class keeps the object, its parameters and hooks: nothing that refers to it breaks.
+            module.__class__ = Fp8Linear
+        elif isinstance(module, Experts):
+            module.__class__ = Fp8Experts
+        else:
+            continue
+        module.fp8 = settings
+        module._fp8_cache = _WeightCache()
+    return model
+
+
+# ---- optimiser -----------------------------------------------------------------------------------------------
+class AdamW(torch.optim.Optimizer):
+    """AdamW (torch's update, decoupled weight decay) with both moments stored in `moment_dtype` and every step's
+    arithmetic in fp32: DeepSeek-V3 keeps the moments in bf16 and saw no loss of accuracy."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, moment_dtype: torch.dtype = torch.bfloat16):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid AdamW settings: lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.moment_dtype = moment_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            grads = [p.grad.float() for p in params]
+            states = [self._state(p) for p in params]
+            for s in states:
+                s["step"] += 1
+            m32 = [s["exp_avg"].float() for s in states]  # copies when stored in bf16, the tensors themselves in fp32
+            v32 = [s["exp_avg_sq"].float() for s in states]
+            torch._foreach_lerp_(m32, grads, 1 - b1)
+            torch._foreach_mul_(v32, b2)
+            torch._foreach_addcmul_(v32, grads, grads, value=1 - b2)
+            torch._foreach_copy_([s["exp_avg"] for s in states], m32)
+            torch._foreach_copy_([s["exp_avg_sq"] for s in states], v32)
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            denom = torch._foreach_sqrt(v32)
+            torch._foreach_div_(denom, [(1 - b2 ** s["step"]) ** 0.5 for s in states])
+            torch._foreach_add_(denom, eps)
+            step_size = [-lr / (1 - b1 ** s["step"]) for s in states]
+            updates = torch._foreach_div(m32, denom)
+            torch._foreach_mul_(updates, step_size)
+            torch._foreach_add_(params, updates)
+        return loss
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype, memory_format=torch.preserve_format)
+        return state
+
+
+def make_adamw(params, lr: float, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.1,
+               eps: float = 1e-8, bf16_moments: bool = False) -> torch.optim.Optimizer:
+    """torch's AdamW (fused on CUDA) with fp32 moments, or ours with bf16 moments; `params` as for any optimiser."""
+    if bf16_moments:
+        return AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moment_dtype=torch.bfloat16)
+    params = list(params)
+    on_cuda = all(p.is_cuda for g in params for p in (g["params"] if isinstance(g, dict) else [g]))
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=on_cuda or None)
