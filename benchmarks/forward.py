@@ -60,7 +60,7 @@ def main() -> None:
             with torch.no_grad():
                 theirs = hf(ids[:1]).logits
                 diff = (theirs.float() - ours.float()).abs().max().item()
-                t_hf = time_fn(lambda: hf(ids), device, iters=args.iters)
+                t_hf = time_fn(lambda m=hf: m(ids), device, iters=args.iters)
             results[f"hf_{impl}_tokens_per_s"] = tokens / t_hf
             results[f"hf_{impl}_max_logit_diff"] = diff
             results[f"ratio_vs_hf_{impl}"] = t_hf / t_ours

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .fp8 import FP8, dequantize_weight_blocks, quantize_weight_blocks
-from .model import Gate, Rotary, Transformer, cast_model
+from .model import Rotary, Transformer, cast_model
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -205,7 +205,7 @@ def _copy_in(reader: _Reader, name: str, dest: torch.Tensor) -> None:
 
 
 def _check_leftovers(reader: _Reader, expected: set[str], cfg: ModelConfig, mtp: bool) -> None:
-    mtp_prefix = re.compile(rf"model\.layers\.(\d+)\.")
+    mtp_prefix = re.compile(r"model\.layers\.(\d+)\.")
     unexpected = []
     for name in sorted(reader.names() - expected):
         if name.endswith("_scale_inv") and name[: -len("_scale_inv")] in expected:

@@ -39,7 +39,7 @@ from .config import ModelConfig
 from .info import model_stats
 from .loss import head_cross_entropy
 from .loader import PackedLoader, TokenDataset, iter_eval_batches
-from .model import Transformer, build_model
+from .model import build_model
 from .schedule import LRSchedule, batch_size_at, step_value
 
 

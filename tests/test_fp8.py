@@ -224,15 +224,16 @@ def test_apply_fp8_swaps_the_recipe_modules_only():
         apply_fp8(dsv3.build_model(cfg, seed=0), emulate=False)
 
 
-def _train(cfg, data: torch.Tensor, precision: str, steps: int) -> torch.Tensor:
-    model = dsv3.build_model(cfg, seed=0)
+def train_losses(cfg, data: torch.Tensor, precision: str, steps: int, device: str = "cpu") -> torch.Tensor:
+    """Losses of a short MTP training run in fp32, bf16 or FP8 (emulated on the CPU, real kernels on a GPU)."""
+    model = dsv3.build_model(cfg, device=device, seed=0)
     if precision == "fp8":
-        apply_fp8(model, emulate=True)
+        apply_fp8(model, emulate=device == "cpu")
     opt = make_adamw(model.parameters(), lr=3e-3, weight_decay=0.0, bf16_moments=precision == "fp8")
     losses = []
     for step in range(steps):
         batch = data[step % len(data)]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):  # as the trainer runs
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision != "fp32"):  # as the trainer runs
             out = model(batch[:, :-1], mtp=True)
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch[:, 1:].flatten())
         loss = loss + 0.3 * F.cross_entropy(out.mtp_logits[0][:, :-1].float().flatten(0, 1), batch[:, 2:].flatten())
@@ -247,7 +248,7 @@ def _train(cfg, data: torch.Tensor, precision: str, steps: int) -> torch.Tensor:
 def test_tiny_model_trains_in_emulated_fp8_and_tracks_bf16():
     cfg = dsv3.ModelConfig.preset("tiny", vocab_size=512)
     data = torch.randint(0, 512, (2, 4, 49), generator=torch.Generator().manual_seed(0))  # two batches in turn
-    runs = {p: _train(cfg, data, p, steps=24) for p in ("fp32", "bf16", "fp8")}
+    runs = {p: train_losses(cfg, data, p, steps=24) for p in ("fp32", "bf16", "fp8")}
     for losses in runs.values():
         assert losses[-1] < 0.3 * losses[0]
     # The yardstick is bf16's own distance from fp32 on the same run: FP8 may stray from bf16 about as much.

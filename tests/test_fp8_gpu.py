@@ -7,12 +7,12 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import dsv3
-from dsv3.fp8_train import Fp8Experts, Fp8Settings, apply_fp8, make_adamw
+from dsv3.fp8_train import Fp8Experts, Fp8Settings, apply_fp8
 from dsv3.model import Experts, Routing
+from tests.test_fp8 import train_losses
 from dsv3.ops import fp8_gemm as ops
 
 pytestmark = pytest.mark.skipif(
@@ -158,32 +158,12 @@ def test_weight_cache_requantises_after_an_update():
     torch.testing.assert_close(lin(x), 2 * y0, rtol=1e-5, atol=1e-5)
 
 
-def _train(cfg, data, precision, steps):
-    model = dsv3.build_model(cfg, device=DEV, seed=0)
-    if precision == "fp8":
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # the real kernels, no fallback warning
-            apply_fp8(model)
-    opt = make_adamw(model.parameters(), lr=3e-3, weight_decay=0.0, bf16_moments=precision == "fp8")
-    losses = []
-    for step in range(steps):
-        batch = data[step % len(data)]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision != "fp32"):
-            out = model(batch[:, :-1], mtp=True)
-        loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch[:, 1:].flatten())
-        loss = loss + 0.3 * F.cross_entropy(out.mtp_logits[0][:, :-1].float().flatten(0, 1), batch[:, 2:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return torch.tensor(losses)
-
-
 def test_small_model_trains_in_fp8_and_tracks_bf16():
     cfg = dsv3.ModelConfig.preset("small", vocab_size=4096, num_hidden_layers=4)
     data = torch.randint(0, 4096, (4, 8, 257), generator=torch.Generator().manual_seed(0)).to(DEV)
-    runs = {p: _train(cfg, data, p, steps=60) for p in ("fp32", "bf16", "fp8")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the real kernels, no fallback to emulation
+        runs = {p: train_losses(cfg, data, p, steps=60, device="cuda") for p in ("fp32", "bf16", "fp8")}
     for losses in runs.values():
         assert losses[-1] < 0.5 * losses[0]
     fp8_gap = (runs["fp8"] - runs["bf16"]).abs().mean()
