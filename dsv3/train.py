@@ -14,6 +14,9 @@ Notable features:
   RNG state, written atomically, the last K kept; `--resume` continues the same run exactly.
 - A non-finite loss stops the run with a clear message before the optimiser touches the weights.
 - Metrics: a progress bar (loss, tokens/s, MFU, MaxVio) and `metrics.jsonl`; validation loss and bits per byte.
+- Data parallel across processes and machines under torchrun, through `dsv3.parallel` (FSDP2): each rank reads its
+  slice of every global batch, the MoE loads are summed over ranks before the bias update, losses and metrics are
+  global averages, rank 0 alone writes files; the optimiser state is checkpointed sharded (DCP).
 """
 
 from __future__ import annotations
@@ -36,10 +39,14 @@ from tqdm import tqdm
 from .balance import balance_loss, max_violation, update_bias
 from .checkpoint import load_model, save_model
 from .config import ModelConfig
+from .fp8_train import make_adamw
 from .info import model_stats
 from .loss import head_cross_entropy
 from .loader import PackedLoader, TokenDataset, iter_eval_batches
 from .model import build_model
+from .parallel import (accumulation_steps, all_reduce_loads, all_reduce_mean, barrier, broadcast_object,
+                       clip_grad_norm_, gather_model, init_distributed, load_full_state_dict, load_optimizer,
+                       parallelize, save_optimizer, shutdown_distributed)
 from .schedule import LRSchedule, batch_size_at, step_value
 
 
@@ -66,6 +73,7 @@ class TrainConfig:
     beta2: float = 0.95
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    bf16_moments: bool | None = None  # AdamW moments in bf16 (None: with --precision fp8, as in the report)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp8
     compile: bool = False
     activation_checkpointing: bool = False
@@ -132,7 +140,8 @@ def _peak_flops(tc: TrainConfig, device: torch.device, precision: str) -> float 
 class Trainer:
     def __init__(self, tc: TrainConfig, resume: str | Path | None = None, progress: bool = True):
         self.tc, self.progress = tc, progress
-        self.device = torch.device(tc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rank, self.world_size, _, self.device = init_distributed(tc.device)
+        accumulation_steps(tc.batch_size, tc.micro_batch, self.world_size)  # a clear error if it does not divide
         self.precision = tc.precision if tc.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         if tc.data is None:
             raise ValueError("no training data: pass --data DIR (a folder made by `dsv3 prepare`)")
@@ -156,22 +165,29 @@ class Trainer:
             for block in [*self.model.layers, *(m.block for m in self.model.mtp)]:
                 block.checkpoint = True
         if self.precision == "fp8":
+            if self.world_size > 1:
+                raise ValueError("precision fp8 is not supported with several processes yet (FP8 weight caches "
+                                 "under FSDP2 are untested); use bf16")
             from .fp8_train import apply_fp8
 
             apply_fp8(self.model)
         self.moe = self.model.moe_layers()
         for moe in self.moe:
             moe.keep_routing = self._balance_alpha() > 0
+        if self.world_size > 1:
+            parallelize(self.model, param_dtype=torch.bfloat16 if self.precision == "bf16" else None)
         self.forward = torch.compile(self.model) if tc.compile else self.model
         self.optimizer = self._make_optimizer()
-        self.loader = PackedLoader(self.train_data, tc.micro_batch, tc.seq_len, seed=tc.seed)
+        self.loader = PackedLoader(self.train_data, tc.micro_batch, tc.seq_len, seed=tc.seed, rank=self.rank,
+                                   world_size=self.world_size)
         self.schedule = LRSchedule.report_shape(tc.lr, tc.min_lr, tc.warmup_steps, tc.max_steps)
         self.step, self.tokens_seen = 0, 0
         self.last_checkpoint: Path | None = None
         stats = model_stats(cfg, tc.seq_len)
         self.flops_per_token = stats.train_flops_per_token if cfg.num_nextn_predict_layers else \
             3 * stats.fwd_flops_per_token
-        self.peak_flops = _peak_flops(tc, self.device, self.precision)
+        peak = _peak_flops(tc, self.device, self.precision)
+        self.peak_flops = peak * self.world_size if peak else None  # the whole job's
         if resume:
             self._resume(Path(resume))
 
@@ -183,8 +199,9 @@ class Trainer:
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=self.tc.lr, betas=(self.tc.beta1, self.tc.beta2), fused=fused)
+        bf16_moments = self.tc.bf16_moments if self.tc.bf16_moments is not None else self.precision == "fp8"
+        return make_adamw(groups, lr=self.tc.lr, betas=(self.tc.beta1, self.tc.beta2),
+                          weight_decay=self.tc.weight_decay, bf16_moments=bf16_moments)
 
     def _autocast(self):
         enabled = self.precision in ("bf16", "fp8")
@@ -228,10 +245,13 @@ class Trainer:
     def _train(self, stop_at: int | None) -> dict:
         tc = self.tc
         end = min(stop_at, tc.max_steps) if stop_at is not None else tc.max_steps
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2))
-        metrics = (self.out / "metrics.jsonl").open("a")
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        lead = self.rank == 0
+        if lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2))
+        metrics = (self.out / "metrics.jsonl").open("a") if lead else None
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (self.progress and lead), desc="train",
+                   unit="step")
         self.model.train()
         last = {}
         t_log, tokens_log = time.perf_counter(), self.tokens_seen
@@ -240,8 +260,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             batch_size = batch_size_at(self.tokens_seen, tc.batch_start or tc.batch_size, tc.batch_size,
-                                       tc.batch_ramp_tokens, multiple=tc.micro_batch)
-            accum = batch_size // tc.micro_batch
+                                       tc.batch_ramp_tokens, multiple=tc.micro_batch * self.world_size)
+            accum = accumulation_steps(batch_size, tc.micro_batch, self.world_size)
             lam = step_value(self.tokens_seen, tc.mtp_lambda, tc.mtp_lambda_late, tc.mtp_lambda_switch_tokens)
             loads = [torch.zeros(self.cfg.n_routed_experts, device=self.device, dtype=torch.long) for _ in self.moe]
             sums: dict = {}
@@ -252,13 +272,15 @@ class Trainer:
                 for load, moe in zip(loads, self.moe):
                     load += moe.load
                 _accumulate(sums, parts, 1 / accum)
+            all_reduce_loads(loads)  # every rank must move its biases alike
+            sums = all_reduce_mean(sums)
             loss = float(sums["loss"])
             if not math.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
                 where = self.last_checkpoint or "none written yet"
                 raise TrainingDiverged(f"non-finite loss ({loss}) at step {self.step}; stopped before the update. "
                                        f"Last good checkpoint: {where}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            grad_norm = clip_grad_norm_(self.model.parameters(), tc.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             gamma = step_value(self.tokens_seen, tc.bias_update_speed, 0.0, tc.bias_update_stop_tokens)
@@ -279,23 +301,27 @@ class Trainer:
                         "mfu": tok_s * self.flops_per_token / self.peak_flops if self.peak_flops else None,
                         "maxvio": [max_violation(x) for x in loads], "mtp_lambda": lam, "bias_gamma": gamma,
                         **{k: _to_py(v) for k, v in sums.items() if k != "loss"}}
-                _write(metrics, last)
-                bar.set_postfix(_postfix(last))
+                if lead:
+                    _write(metrics, last)
+                    bar.set_postfix(_postfix(last))
             if self.step % tc.eval_interval == 0 or self.step == tc.max_steps:
                 ev = {"step": self.step, "tokens": self.tokens_seen, **self.evaluate()}
-                _write(metrics, ev)
+                if lead:
+                    _write(metrics, ev)
                 last.update(ev)
             if self.step % tc.save_interval == 0 or self.step == end:
                 self.save_checkpoint()
         bar.close()
-        metrics.close()
+        if lead:
+            metrics.close()
         if self.step == tc.max_steps:
-            save_model(self.model, self.out / "model", tokenizer_dir=self.train_data.tokenizer_path.parent)
+            self._save_model(self.out / "model")
         return last
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss, bits per byte, MaxVio per layer and MTP accuracy on the first eval_batches batches."""
+        """Validation loss, bits per byte, MaxVio per layer and MTP accuracy on the first eval_batches batches.
+        Under FSDP every rank takes part in every forward, so each rank evaluates the same batches."""
         self.model.eval()
         depth = self.cfg.num_nextn_predict_layers
         nats, count, loads = 0.0, 0, [torch.zeros(self.cfg.n_routed_experts, device=self.device) for _ in self.moe]
@@ -325,28 +351,48 @@ class Trainer:
         return result
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
+    def _save_model(self, path: Path) -> None:
+        full = gather_model(self.model)  # under FSDP a collective: every rank takes part, rank 0 gets the model
+        if full is not None:
+            save_model(full, path, tokenizer_dir=self.train_data.tokenizer_path.parent)
+
     def save_checkpoint(self) -> Path:
-        """out/checkpoints/step-N/{model (HF format), trainer_state.pt}, written to a temporary folder first."""
+        """out/checkpoints/step-N/{model (HF format), trainer_state.pt[, optimizer/ (sharded, DCP)]}, written to a
+        temporary folder first, which rank 0 renames once every rank has written its part."""
         root = self.out / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{self.step:08d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        tmp = None
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        tmp = broadcast_object(tmp)
         try:
-            save_model(self.model, tmp / "model", tokenizer_dir=self.train_data.tokenizer_path.parent)
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+            self._save_model(tmp / "model")
+            # Every rank seeds alike and draws alike, so rank 0's RNG state stands for all of them.
+            state = {"step": self.step, "tokens_seen": self.tokens_seen,
                      "loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                     "cuda_rng": [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else [],
                      "train_config": json.dumps(dataclasses.asdict(self.tc))}
-            torch.save(state, tmp / "trainer_state.pt")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            if self.world_size > 1:
+                save_optimizer(self.model, self.optimizer, tmp / "optimizer")
+            else:
+                state["optimizer"] = self.optimizer.state_dict()
+            if self.rank == 0:
+                torch.save(state, tmp / "trainer_state.pt")
+            barrier()  # every rank's optimiser shard is on disk
+            if self.rank == 0:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.last_checkpoint = final
-        for old in sorted(root.glob("step-*"))[:-self.tc.keep_checkpoints]:
-            shutil.rmtree(old)
+        if self.rank == 0:
+            for old in sorted(root.glob("step-*"))[:-self.tc.keep_checkpoints]:
+                shutil.rmtree(old)
+        barrier()  # no rank goes on (and possibly resumes from it) before the checkpoint is in place
         return final
 
     def _resume(self, path: Path) -> None:
@@ -360,14 +406,17 @@ class Trainer:
             raise FileNotFoundError(f"{path} is not a training checkpoint (no trainer_state.pt)")
         # weights_only: the optimiser state is tensors and numbers; nothing else may be unpickled.
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-        saved = load_model(path / "model", device=self.device, dtype=torch.float32)
-        self.model.load_state_dict(saved.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.loader.load_state_dict(state["loader"])
+        self.loader.load_state_dict(state["loader"])  # first: it refuses a different batch layout or world size
+        saved = load_model(path / "model", device="cpu", dtype=torch.float32)
+        load_full_state_dict(self.model, saved.state_dict())
+        if (path / "optimizer").is_dir():
+            load_optimizer(self.model, self.optimizer, path / "optimizer")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            torch.cuda.set_rng_state(state["cuda_rng"][0], self.device)
         self.last_checkpoint = path
 
 
@@ -460,14 +509,19 @@ def register(sub) -> None:
         resume = None
         if args.resume:
             resume = Path(tc.out) / "checkpoints" if args.resume == "auto" else Path(args.resume)
+        rank = init_distributed(tc.device)[0]  # under torchrun: the process group, before the Trainer needs it
         try:
             last = Trainer(tc, resume=resume, progress=not args.no_progress).train(stop_at=args.stop_at)
         except TrainingDiverged as e:
-            print(f"dsv3 train: {e}")
+            if rank == 0:
+                print(f"dsv3 train: {e}")
             return 1
-        print(json.dumps({k: v for k, v in last.items() if not isinstance(v, list)}))
-        if last.get("step") == tc.max_steps:
-            print(f"model written to {Path(tc.out) / 'model'}")
+        finally:
+            shutdown_distributed()
+        if rank == 0:
+            print(json.dumps({k: v for k, v in last.items() if not isinstance(v, list)}))
+            if last.get("step") == tc.max_steps:
+                print(f"model written to {Path(tc.out) / 'model'}")
         return 0
 
     p.set_defaults(func=run)

@@ -178,3 +178,12 @@ def test_plot(dataset, tmp_path):
     for name in ("loss.png", "maxvio.png", "mtp_accuracy.png", "lr.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(tmp_path / "nothing")]) == 2
+
+
+def test_fp8_precision_trains_emulated_on_the_cpu(dataset, tmp_path):
+    with pytest.warns(UserWarning, match="emulat"):
+        trainer = Trainer(_tc(dataset, tmp_path / "fp8", precision="fp8", max_steps=8), progress=False)
+    assert type(trainer.optimizer).__module__ == "dsv3.fp8_train"  # the report's bf16 AdamW moments
+    trainer.train()
+    losses = _losses(tmp_path / "fp8")
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
