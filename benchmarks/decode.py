@@ -9,7 +9,8 @@ and the same prompt length and token count on both sides; decode-only tokens/s (
 is reported beside it. The roofline: every decode step at batch 1 reads the activated weights (the embedding row,
 the attention and dense/shared weights, 6 routed experts per MoE layer, the head) and the cache, so
 tokens/s x bytes per token over the measured device copy bandwidth is the fraction of the memory roofline reached.
-`--kernel torch` and `--no-graphs` time the engine without the Triton kernel or the CUDA graphs.
+`--kernel torch` and `--no-graphs` time the engine without the Triton kernel or the CUDA graphs; `--compile` times it
+with each decode bucket's step compiled by torch.compile (the warm-up run pays for the compilation).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def engine_for(model, args, batch: int, prompt_len: int, speculative: bool = Fal
     per_seq = -(-(prompt_len + args.new_tokens + 1) // 64)
     return Engine(model, max_batch_size=batch, block_size=64, num_blocks=batch * per_seq + 1,
                   max_seq_len=prompt_len + args.new_tokens + 1, speculative=speculative,
-                  cuda_graphs=not args.no_graphs, decode_kernel=args.kernel)
+                  cuda_graphs=not args.no_graphs, decode_kernel=args.kernel, compile=args.compile)
 
 
 def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -118,7 +119,7 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
     stats = model_stats(cfg)
     results: dict = {"preset": args.preset, "dtype": args.dtype, "prompt_len": args.prompt_len,
                      "new_tokens": args.new_tokens, "kernel": args.kernel, "cuda_graphs": not args.no_graphs,
-                     "runs": []}
+                     "compile": args.compile, "runs": []}
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (max(args.batch), args.prompt_len), generator=gen)
     ours = {}
@@ -176,7 +177,8 @@ def speculative_speedup(args, device: torch.device, dtype: torch.dtype) -> dict:
         gen = torch.Generator().manual_seed(0)
         prompts = torch.randint(0, cfg.vocab_size, (4, args.prompt_len), generator=gen).tolist()
     longest = max(len(p) for p in prompts)
-    results: dict = {"model": str(args.model), "dtype": args.dtype, "new_tokens": args.new_tokens, "runs": []}
+    results: dict = {"model": str(args.model), "dtype": args.dtype, "new_tokens": args.new_tokens,
+                     "compile": args.compile, "runs": []}
     plain = engine_for(model, args, 1, longest)
     spec = engine_for(model, args, 1, longest, speculative=True)
     time_engine(plain, [prompts[0][:8]], 8)
@@ -207,17 +209,19 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"], help="decode attention")
     p.add_argument("--no-graphs", action="store_true", help="run the decode step eagerly")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decode bucket's step")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (the roofline alone)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA GPU")
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    suffix = "_compiled" if args.compile else ""
     if args.speculative:
         if not args.model:
             raise SystemExit("--speculative needs --model DIR, a checkpoint trained with MTP")
-        save_results("decode_speculative", speculative_speedup(args, device, dtype))
+        save_results(f"decode_speculative{suffix}", speculative_speedup(args, device, dtype))
     else:
-        save_results(f"decode_{args.preset}", versus_transformers(args, device, dtype))
+        save_results(f"decode_{args.preset}{suffix}", versus_transformers(args, device, dtype))
 
 
 if __name__ == "__main__":

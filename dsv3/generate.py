@@ -5,6 +5,7 @@ Notable features:
   `StreamDecoder`, so a multi-byte character is printed whole, never as replacement characters.
 - `generate` prepends BOS (unless --no-bos) and continues the prompt; `chat` renders the model's own chat template
   over the conversation each turn and keeps the assistant's replies in the history (/reset, /exit).
+- `--compile` runs the decode step through torch.compile (fused kernels, then the CUDA graph).
 - `--speculative` loads the MTP module and drafts with it; statistics go to stderr at the end of each reply:
   prompt and generated tokens, time to first token, decode tokens/s, and the draft acceptance rate.
 """
@@ -35,6 +36,8 @@ def _add_common(p, max_tokens: int) -> None:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="weights and cache (bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + reply (the engine's default)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (bf16 weights; the first reply waits for the compiler)")
 
 
 def load(args) -> tuple[Engine, Tokenizer]:
@@ -45,7 +48,8 @@ def load(args) -> tuple[Engine, Tokenizer]:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     print(f"loading {args.model} on {device} ({dtype})", file=sys.stderr)
     model = load_model(args.model, device=device, dtype=dtype, mtp=args.speculative)
-    engine = Engine(model, max_batch_size=1, max_seq_len=args.max_seq_len, speculative=args.speculative)
+    engine = Engine(model, max_batch_size=1, max_seq_len=args.max_seq_len, speculative=args.speculative,
+                    compile=args.compile)
     return engine, tokenizer
 
 

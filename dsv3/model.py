@@ -17,6 +17,7 @@ Notable features:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -271,13 +272,17 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """attn, when given, is called as attn(h, cos, sin) in place of self.self_attn (e.g. the inference
+        engine's MLA over its paged cache, with the same weights)."""
         if self.checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, use_reentrant=False)
-        return self._forward(x, cos, sin)
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, attn, use_reentrant=False)
+        return self._forward(x, cos, sin, attn)
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 attn: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + (self.self_attn if attn is None else attn)(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -292,10 +297,11 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_idx)
         self.head_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # shared_head.norm in the checkpoint
 
-    def forward(self, emb: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         # emb: [B, T, D] embeddings of the tokens k ahead; h: [B, T, D] previous depth's normed output
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # [embedding; hidden] order
-        return self.head_norm(self.block(x, cos, sin))
+        return self.head_norm(self.block(x, cos, sin, attn))
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The engine's attention: absorbed MLA over the paged cache against the model's expanded MLA, the decode kernel
-against a per-row loop, and the engine's block forwards against the model's own."""
+against a per-row loop, and the model's blocks run through their attn hook with it against the plain blocks."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dsv3
-from dsv3.engine.attention import Step, block_forward, mla_attention, mtp_forward
+from dsv3.engine.attention import Step, cache_attention, mla_attention
 from dsv3.model import MLA, build_model
 from dsv3.ops.mla_decode import mla_decode_reference, triton
 
@@ -139,8 +139,9 @@ def test_block_and_mtp_forwards_match_the_model():
     cos, sin = cos[None], sin[None]
     x = torch.randn(1, t, CFG.hidden_size)
     for i, layer in enumerate(model.layers):  # one dense block, one MoE block
-        got = block_forward(layer, x, cos, sin, _cache(), _step(t, blocks, 0, [(0, t, 0, 0)]))
-        torch.testing.assert_close(got, layer(x, cos, sin), atol=1e-5, rtol=1e-4)
+        attn = cache_attention(layer.self_attn, _cache(), _step(t, blocks, 0, [(0, t, 0, 0)]))
+        torch.testing.assert_close(layer(x, cos, sin, attn=attn), layer(x, cos, sin), atol=1e-5, rtol=1e-4)
     emb, h = torch.randn(1, t, CFG.hidden_size), torch.randn(1, t, CFG.hidden_size)
-    got = mtp_forward(model.mtp[0], emb, h, cos, sin, _cache(), _step(t, blocks, t, []))
-    torch.testing.assert_close(got, model.mtp[0](emb, h, cos, sin), atol=1e-5, rtol=1e-4)
+    mtp = model.mtp[0]
+    attn = cache_attention(mtp.block.self_attn, _cache(), _step(t, blocks, t, []))
+    torch.testing.assert_close(mtp(emb, h, cos, sin, attn=attn), mtp(emb, h, cos, sin), atol=1e-5, rtol=1e-4)

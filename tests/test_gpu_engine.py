@@ -1,5 +1,6 @@
-"""The engine's GPU paths against their references: the Triton MLA decode kernel, CUDA graphs, speculation in bf16.
-Skipped without CUDA; on the H200: `python -m pytest tests/test_gpu_engine.py`."""
+"""The engine's GPU paths against their references: the Triton MLA decode kernel, CUDA graphs (of the eager and of
+the torch.compile'd step), speculation in bf16. Skipped without CUDA; on the H200:
+`python -m pytest tests/test_gpu_engine.py`."""
 
 import pytest
 import torch
@@ -70,6 +71,24 @@ def test_cuda_graphs_and_triton_track_the_full_forward(speculative, logprobs):
     # then continue different texts: hold each path to the full forward rather than to the other.
     _check_greedy_against_full_forward(model, prompts, eager)
     assert len(engine.graphs.graphs) >= 2  # several buckets were captured as the batch shrank
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_compiled_step_in_cuda_graphs_tracks_the_full_forward(speculative):
+    from torch._inductor.utils import run_and_get_code
+
+    model = _model()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in (3, 40)]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (16, 6)]  # two buckets run
+    engine = Engine(model, max_batch_size=2, block_size=16, num_blocks=64, speculative=speculative, compile=True)
+    assert engine.graphs.capture and engine.graphs.compile and engine.runner.use_triton
+    out, codes = run_and_get_code(engine.generate, prompts, params)
+    _check_greedy_against_full_forward(model, prompts, out)
+    assert len(engine.graphs.graphs) >= 2
+    # The cache writes are in place: no kernel runs over a whole cache layer (65 * 16 * 48 elements).
+    layer_numel = engine.cache.layer(0).numel()
+    assert codes and not any(str(layer_numel) in code for code in codes)
 
 
 def test_seeded_sampling_reproduces_on_the_gpu():

@@ -11,19 +11,22 @@ Notable features:
   rows of W_UV), never copies.
 - Prefill chunks use the expanded form: the chunk's context latents are read back from the cache and expanded by
   kv_b_proj into per-head keys and values for one SDPA call; compute-bound prompts are cheaper that way.
-- `block_forward` and `mtp_forward` are `Block.forward` and `MTPModule.forward` with this attention in place of
-  `MLA.forward`; the tests hold them equal to the model's own.
+- The model's blocks run with this attention through their `attn` hook (`cache_attention` binds a layer's cache
+  and the step), so the engine has no copy of the block code.
+- Under torch.compile the Triton decode kernel is called as the custom op `dsv3::mla_decode_triton`: the compiler
+  sees one opaque call with a declared output shape instead of tracing the kernel launch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..model import MLA, Block, MTPModule
-from ..ops.mla_decode import mla_decode
+from ..model import MLA
+from ..ops.mla_decode import mla_decode, mla_decode_triton
 
 # columns of Step.rows
 ID, POS, SLOT, LEN, VALID, SEQ = range(6)
@@ -73,6 +76,18 @@ def mla_attention(mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return mla.o_proj(out.flatten(1)).unsqueeze(0)
 
 
+# The Triton kernel as an op torch.compile does not look into (see the module docstring).
+@torch.library.custom_op("dsv3::mla_decode_triton", mutates_args=())
+def _mla_decode_triton_op(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                          seq: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    return mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq, lengths, scale)
+
+
+@_mla_decode_triton_op.register_fake
+def _(q_lat, q_pe, kv_cache, block_tables, seq, lengths, scale):
+    return q_lat.new_empty(q_lat.shape)  # [M, H, C], contiguous like the kernel's merged output
+
+
 def absorbed(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, step: Step) -> torch.Tensor:
     # q_nope: [M, H, nope], q_pe: [M, H, rope] for the first M rows -> [M, H, v]
     cfg = mla.cfg
@@ -81,8 +96,11 @@ def absorbed(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tenso
     w_uk, w_uv = w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]  # [H, nope, C], [H, v, C]
     q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [M, H, C]
     rows = step.rows[:m]
-    o_lat = mla_decode(q_lat, q_pe, kv, step.tables, rows[:, SEQ], rows[:, LEN], mla.softmax_scale,
-                       step.use_triton)  # [M, H, C]
+    args = (q_lat, q_pe, kv, step.tables, rows[:, SEQ], rows[:, LEN], mla.softmax_scale)
+    if step.use_triton and torch.compiler.is_compiling():
+        o_lat = torch.ops.dsv3.mla_decode_triton(*args)  # [M, H, C]
+    else:
+        o_lat = mla_decode(*args, step.use_triton)
     return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [M, H, v]
 
 
@@ -109,14 +127,9 @@ def expanded(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tenso
     return o[..., :dv].transpose(0, 1)
 
 
-def block_forward(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
-                  step: Step) -> torch.Tensor:
-    x = x + mla_attention(block.self_attn, block.input_layernorm(x), cos, sin, kv, step)
-    return x + block.mlp(block.post_attention_layernorm(x))
+def cache_attention(mla: MLA, kv: torch.Tensor, step: Step) -> Callable[..., torch.Tensor]:
+    """`mla` over the cache layer `kv` for the rows of `step`, in the form of `Block.forward`'s attn hook."""
+    def attn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return mla_attention(mla, x, cos, sin, kv, step)
 
-
-def mtp_forward(module: MTPModule, emb: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: torch.Tensor, step: Step) -> torch.Tensor:
-    # emb: [1, R, D] embeddings of each row's next token; h: [1, R, D] the main model's normed hidden state
-    x = module.eh_proj(torch.cat([module.enorm(emb), module.hnorm(h)], dim=-1))  # [embedding; hidden] order
-    return module.head_norm(block_forward(module.block, x, cos, sin, kv, step))
+    return attn

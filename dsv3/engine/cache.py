@@ -4,12 +4,15 @@ Notable features:
 - Per layer and token only the normalised c_kv (kv_lora_rank) and the roped shared key k_pe (qk_rope_head_dim) are
   stored, side by side in one slot of kv_lora_rank + qk_rope_head_dim elements: 576 for DeepSeek-V3, 71x less than
   per-head K and V.
-- One tensor [layers, num_blocks + 1, block_size, width]; a sequence owns a list of block ids (its block table), the
+- Per layer a tensor [num_blocks + 1, block_size, width]; a sequence owns a list of block ids (its block table), the
   same ids in every layer, so memory follows the tokens actually held. Finished, aborted and preempted sequences
   give their blocks back to the pool.
 - Block 0 is never handed out: it is the scratch block where the padding rows of a CUDA-graph batch write, so they
   cannot touch a live sequence. Live block ids run from 1 to num_blocks.
 - The MTP drafter's attention gets a layer of its own (index num_hidden_layers) under the same block tables.
+- One tensor per layer rather than slices of one: under torch.compile a cache write into a slice of a shared
+  tensor can be functionalised into a copy of the whole tensor, while a write into a tensor of its own is done in
+  place.
 """
 
 from __future__ import annotations
@@ -54,12 +57,13 @@ class LatentCache:
         self.block_size = block_size
         self.kv_lora_rank = kv_lora_rank
         # Zeros, not garbage: the reference attention multiplies masked slots by 0, and 0 * NaN would be NaN.
-        self.kv = torch.zeros(num_layers, num_blocks + 1, block_size, kv_lora_rank + rope_dim, dtype=dtype,
-                              device=device)
+        self.dtype, self.device = dtype, device
+        self.layers = [torch.zeros(num_blocks + 1, block_size, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+                       for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
 
     def layer(self, i: int) -> torch.Tensor:
-        return self.kv[i]  # [num_blocks + 1, block_size, kv_lora_rank + rope_dim]
+        return self.layers[i]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, width: int, dtype: torch.dtype) -> int:

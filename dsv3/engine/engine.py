@@ -9,6 +9,8 @@ Notable features:
   logprobs.
 - On CUDA: decode-only steps replay CUDA graphs (graphs.py) and decode attention runs the Triton kernel
   (ops/mla_decode.py); `cuda_graphs=False` and `decode_kernel="torch"` switch back to eager and the reference.
+- `compile=True` compiles each decode bucket's step with torch.compile (fusing its many small kernels) before the
+  CUDA graph captures it; on the CPU the compiled steps run without graphs.
 - `speculative=True`: the model's MTP module drafts a token per step and one forward verifies it by rejection
   sampling (speculative.py); `metrics()` reports the acceptance rate, cache use, queue sizes and expert load.
 The engine is single-threaded and not thread-safe: drive it from one thread. It switches on `keep_routing` of the
@@ -25,7 +27,7 @@ from ..model import Transformer
 from ..ops.grouped import fused_available
 from ..ops.mla_decode import triton, triton_available
 from .cache import LatentCache, blocks_for
-from .graphs import CudaGraphs
+from .graphs import DecodeGraphs
 from .request import Completion, Request, RequestOutput, SamplingParams, TokenLogprob
 from .runner import ModelRunner, Work, rows_for
 from .sampling import sample, token_logprobs
@@ -53,7 +55,8 @@ def take(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
 class Engine:
     def __init__(self, model: Transformer, *, max_batch_size: int = 64, max_seq_len: int | None = None,
                  block_size: int = 64, num_blocks: int | None = None, max_prefill_tokens: int = 2048,
-                 speculative: bool = False, cuda_graphs: bool | None = None, decode_kernel: str = "auto"):
+                 speculative: bool = False, cuda_graphs: bool | None = None, decode_kernel: str = "auto",
+                 compile: bool = False):
         cfg = model.cfg
         for name, value in (("max_batch_size", max_batch_size), ("block_size", block_size),
                             ("max_prefill_tokens", max_prefill_tokens), ("max_seq_len", max_seq_len),
@@ -86,17 +89,25 @@ class Engine:
         self.cache = LatentCache(layers, num_blocks, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype,
                                  self.device)
         use_triton = decode_kernel == "triton" or (decode_kernel == "auto" and triton_available(self.device))
-        self.runner = ModelRunner(model, self.cache, use_triton)
+        self.runner = ModelRunner(model, self.cache, use_triton, self.max_seq_len)
         self.scheduler = Scheduler(self.cache, max_batch_size, max_prefill_tokens, speculative)
-        # A graph cannot hold a host sync: the experts need the fused grouped GEMM (bf16 on Hopper), not the loop.
-        capturable = self.device.type == "cuda" and (not self.runner.moes or fused_available(weight))
+        # Neither a graph nor a whole compiled function can hold a host sync: the experts need the fused grouped
+        # GEMM (bf16 on Hopper, any dtype on the CPU), not the loop over experts.
+        fused = not self.runner.moes or fused_available(weight)
+        capturable = self.device.type == "cuda" and fused
         if cuda_graphs and not capturable:
             raise ValueError(f"cuda_graphs=True needs a CUDA model whose experts run the fused grouped GEMM (bf16 on "
                              f"compute capability >= 9.0); this one is {dtype} on {self.device}")
+        if compile and self.runner.moes and not (fused and dtype == torch.bfloat16):
+            # torch._grouped_mm traces in bf16 only (its meta kernel refuses fp32, which the CPU kernel would run).
+            raise ValueError(f"compile=True needs bf16 experts that run the fused grouped GEMM (compute capability "
+                             f">= 9.0, or the CPU); this model is {dtype} on {self.device}")
         self.graphs = None
-        if cuda_graphs if cuda_graphs is not None else capturable:
+        capture = cuda_graphs if cuda_graphs is not None else capturable
+        if capture or compile:
             max_rows = max_batch_size * (2 if speculative else 1)
-            self.graphs = CudaGraphs(self.runner, max_rows, blocks_for(self.max_seq_len, block_size))
+            self.graphs = DecodeGraphs(self.runner, max_rows, blocks_for(self.max_seq_len, block_size), capture=capture,
+                                       compile=compile)
 
         self._requests: dict[str, Request] = {}
         self._aborted: list[RequestOutput] = []
@@ -361,5 +372,7 @@ class Engine:
             "acceptance_rate": s["accepted"] / s["drafted"] if s["drafted"] else None,
             # tokens routed to each expert, per MoE layer of the main model, since the engine started
             "expert_load": self._load.long().tolist() if self._load is not None else [],
-            "cuda_graphs": self.graphs is not None, "decode_kernel": "triton" if self.runner.use_triton else "torch",
+            "cuda_graphs": self.graphs is not None and self.graphs.capture,
+            "compiled": self.graphs is not None and self.graphs.compile,
+            "decode_kernel": "triton" if self.runner.use_triton else "torch",
         }

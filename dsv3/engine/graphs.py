@@ -1,25 +1,34 @@
-"""CUDA graphs of the decode step: the main forward and the MTP drafter's, captured once per padded row count.
+"""The decode step at fixed row counts: CUDA graphs and torch.compile of the main forward and the MTP drafter.
 
 Notable features:
-- A decode step launches hundreds of small kernels; replaying a captured graph launches them all in one call.
-- Row counts are padded up to a bucket (1, 2, 4, 8, then multiples of 16); padding rows write to the scratch
-  block and are masked out of the expert load, and their outputs are never read.
+- Decode-only steps are padded up to a bucket of rows (1, 2, 4, 8, then multiples of 16) and run one fixed-shape
+  function per bucket; padding rows write to the scratch block and are masked out of the expert load, and their
+  outputs are never read.
+- CUDA graphs: a decode step launches hundreds of small kernels; replaying a captured graph launches them all in
+  one call. Capture is lazy: a bucket is captured the first time a step of its size runs (after two warm-up runs on
+  a side stream, which compile the Triton kernel and set up cuBLAS); warm-up and capture recompute exactly what the
+  replay then writes, so capturing mid-generation is harmless.
+- torch.compile (`compile=True`): each bucket's function is compiled whole (fullgraph=True, dynamic=False), which
+  fuses the chains of small elementwise kernels (norms with their fp32 casts, rope, gate scoring, silu * up,
+  residual adds) into a few; the compiled function is then captured like the eager one. Without CUDA graphs (the
+  CPU) the buckets still apply and the compiled functions run directly.
 - Speculative steps whose requests are all plain greedy run main forward, verification argmax and drafter as one
-  graph with a single host sync; other speculative steps replay the main graph, verify on the host, then the
-  drafter's graph.
-- All graphs share one memory pool and one set of static input buffers (rows, block tables of the full table width,
-  next-token ids), so each step costs two host-to-device copies before the replay.
-- Capture is lazy: a bucket is captured the first time a step of its size runs (after two warm-up runs on a side
-  stream, which compile the Triton kernel and set up cuBLAS); warm-up and capture recompute exactly what the replay
-  then writes, so capturing mid-generation is harmless.
+  function with a single host sync; other speculative steps run the main function, verify on the host, then the
+  drafter's.
+- All functions share one set of static input buffers (rows, block tables of the full table width, next-token
+  ids), so each step costs two host-to-device copies before the replay; captured graphs share one memory pool.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from .attention import LEN, Step
 from .runner import HostRows, ModelRunner
+
+Key = tuple[str, int]  # (kind of step, bucket)
 
 
 def buckets(max_rows: int) -> list[int]:
@@ -27,17 +36,22 @@ def buckets(max_rows: int) -> list[int]:
     return sorted(sizes)
 
 
-class CudaGraphs:
-    def __init__(self, runner: ModelRunner, max_rows: int, width: int):
+class DecodeGraphs:
+    def __init__(self, runner: ModelRunner, max_rows: int, width: int, capture: bool = True, compile: bool = False):
         self.runner = runner
         self.width = width
+        self.capture = capture
+        self.compile = compile
+        self.backend = "inductor"  # torch.compile's backend (the tests trace with "aot_eager", which is quicker)
         self.sizes = buckets(max_rows)
         dev = runner.device
         self.rows = torch.zeros(max_rows, 6, dtype=torch.int64, device=dev)
         self.rows[:, LEN] = 1
         self.tables = torch.zeros(max_rows, width, dtype=torch.int64, device=dev)
         self.next_ids = torch.zeros(max_rows, dtype=torch.int64, device=dev)
-        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self.fns: dict[Key, Callable] = {}  # the function of each step kind and bucket, compiled or not
+        self.graphs: dict[Key, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[Key, tuple] = {}  # each function's latest outputs (the static ones of a captured graph)
         self.pool = None
 
     def bucket(self, n: int) -> int | None:
@@ -53,47 +67,71 @@ class CudaGraphs:
         return size
 
     def main(self, host: HostRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Replay the decode forward for host rows already padded to a bucket -> (logits, hidden, expert load)."""
-        size = self._load_inputs(host)
-
-        def fn():
-            hidden, load = self.runner.forward(self._step(size))
-            return self.runner.logits(hidden), hidden, load
-
-        return self._replay(("main", size), fn)
+        """Run the decode forward for host rows already padded to a bucket -> (logits, hidden, expert load)."""
+        return self.run(("main", self._load_inputs(host)))
 
     def mtp(self, size: int, next_ids: torch.Tensor) -> torch.Tensor:
-        """Replay the drafter over the rows of the last `main` call of this size -> MTP logits [size, V]."""
+        """Run the drafter over the rows of the last `main` call of this size -> MTP logits [size, V]."""
         self.next_ids[: next_ids.shape[0]].copy_(next_ids, non_blocking=True)
-        hidden = self.graphs[("main", size)][1][1]  # the main graph's static hidden-state output
-
-        def fn():
-            return (self.runner.logits(self.runner.forward_mtp(self._step(size), hidden, self.next_ids[:size])),)
-
-        return self._replay(("mtp", size), fn)[0]
+        return self.run(("mtp", size))[0]
 
     def greedy_speculative(self, host: HostRows) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Replay `ModelRunner.greedy_speculative` (main forward, drafter and both argmaxes) as one graph."""
-        size = self._load_inputs(host)
-        return self._replay(("greedy_speculative", size), lambda: self.runner.greedy_speculative(self._step(size)))
+        """Run `ModelRunner.greedy_speculative` (main forward, drafter and both argmaxes) as one function."""
+        return self.run(("greedy_speculative", self._load_inputs(host)))
 
-    def _replay(self, key: tuple[str, int], fn) -> tuple:
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(fn)
-        graph, outputs = self.graphs[key]
-        graph.replay()
-        return outputs
+    def step_fn(self, key: Key) -> Callable[..., tuple]:
+        """The plain (uncompiled) function of a step kind and bucket, reading the static input buffers."""
+        kind, size = key
+        step, runner = self._step(size), self.runner
+        if kind == "main":
+            def fn():
+                hidden, load = runner.forward(step)
+                return runner.logits(hidden), hidden, load
+        elif kind == "mtp":
+            next_ids = self.next_ids[:size]
 
-    def _capture(self, fn) -> tuple[torch.cuda.CUDAGraph, tuple]:
+            def fn(hidden):  # the main function's hidden state output of this bucket
+                return (runner.logits(runner.forward_mtp(step, hidden, next_ids)),)
+        elif kind == "greedy_speculative":
+            def fn():
+                return runner.greedy_speculative(step)
+        else:
+            raise ValueError(f"unknown decode step kind {kind!r}")
+        return fn
+
+    def run(self, key: Key) -> tuple:
+        args = (self.outputs[("main", key[1])][1],) if key[0] == "mtp" else ()
+        if key in self.fns:
+            if self.capture:
+                self.graphs[key].replay()
+            else:
+                self.outputs[key] = self.fns[key](*args)
+            return self.outputs[key]
+        fn = self.step_fn(key)
+        if self.compile:
+            fn = torch.compile(fn, backend=self.backend, fullgraph=True, dynamic=False)
+        self.fns[key] = fn
+        # Every bucket is one more graph of the same Python function: lift dynamo's limit on graphs per function
+        # (8 by default, past which it would run the larger buckets eagerly) to twice the buckets, room for a second
+        # engine in the process.
+        limit = max(torch._dynamo.config.recompile_limit, 2 * len(self.sizes))
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            if self.capture:
+                self.graphs[key], self.outputs[key] = self._capture(fn, args)
+                self.graphs[key].replay()
+            else:
+                self.outputs[key] = fn(*args)
+        return self.outputs[key]
+
+    def _capture(self, fn, args: tuple) -> tuple[torch.cuda.CUDAGraph, tuple]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
+            for _ in range(2):  # the first call compiles, when compiling
+                fn(*args)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            outputs = fn()
+            outputs = fn(*args)
         self.pool = graph.pool()
         return graph, outputs
-

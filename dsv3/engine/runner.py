@@ -3,8 +3,10 @@
 Notable features:
 - `rows_for` lays a step's work out as the int64 rows of `attention.Step` (decode rows first, then prefill chunks)
   plus one block table per sequence, built on the host and moved to the device in two copies.
-- The forward reuses the model's own modules and weights (embedding, blocks, norms, head, rotary); only attention is
-  swapped for the cache-backed one.
+- The forward runs the model's own modules and weights (embedding, blocks, norms, head); only attention is swapped
+  for the cache-backed one, through the blocks' `attn` hook.
+- RoPE cos/sin come from a table over every position the engine serves, built once from the model's rotary
+  module: one gather per step instead of recomputing the angles.
 - `greedy_speculative` fuses a speculative decode step of plain greedy requests (main forward, drafter, both
   argmaxes) into one call that needs no host round trip in between; CUDA graphs capture it whole.
 - Expert load per MoE layer is counted from each MoE's routing of the step, over real rows only: the padding rows
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import MoE, Transformer
-from .attention import Step, block_forward, mtp_forward
+from .attention import Step, cache_attention
 from .cache import LatentCache
 from .request import Request
 
@@ -64,22 +66,25 @@ def rows_for(works: list[Work], cache: LatentCache, pad_to: int | None = None, w
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: LatentCache, use_triton: bool):
+    def __init__(self, model: Transformer, cache: LatentCache, use_triton: bool, max_positions: int):
         self.model = model
         self.cache = cache
         self.use_triton = use_triton
-        self.device = cache.kv.device
+        self.device = cache.device
         self.moes = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
         for moe in self.moes:
             moe.keep_routing = True  # the routing of the last forward, to count expert load over real rows
+        with torch.no_grad():
+            cos, sin = model.rotary(torch.arange(max_positions, device=self.device))
+        self.rope = torch.cat([cos, sin], dim=-1)  # [max_positions, rope]: cos then sin, fp32
 
     def to_device(self, host: HostRows) -> Step:
         return Step(host.rows.to(self.device, non_blocking=True), host.tables.to(self.device, non_blocking=True),
                     host.decode_rows, host.prefills, self.use_triton)
 
     def _rotary(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.model.rotary(step.positions)  # [R, rope/2]
-        return cos.unsqueeze(0), sin.unsqueeze(0)
+        cos, sin = self.rope[step.positions].unsqueeze(0).chunk(2, dim=-1)  # [1, R, rope/2] each
+        return cos, sin
 
     def forward(self, step: Step) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> the final normed hidden state of every row [R, D], and tokens per expert [MoE layers, E] (or None)."""
@@ -87,7 +92,7 @@ class ModelRunner:
         cos, sin = self._rotary(step)
         x = m.embed_tokens(step.ids).unsqueeze(0)  # [1, R, D]
         for i, layer in enumerate(m.layers):
-            x = block_forward(layer, x, cos, sin, self.cache.layer(i), step)
+            x = layer(x, cos, sin, attn=cache_attention(layer.self_attn, self.cache.layer(i), step))
         return m.norm(x)[0], self._expert_load(step.valid)
 
     def forward_mtp(self, step: Step, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
@@ -95,9 +100,9 @@ class ModelRunner:
         the token after it (next_ids[i]); its output's logits predict the token after that. -> [R, D]"""
         m = self.model
         cos, sin = self._rotary(step)
-        layer = self.cache.layer(m.cfg.num_hidden_layers)
-        emb = m.embed_tokens(next_ids).unsqueeze(0)
-        return mtp_forward(m.mtp[0], emb, hidden.unsqueeze(0), cos, sin, layer, step)[0]
+        mtp = m.mtp[0]
+        attn = cache_attention(mtp.block.self_attn, self.cache.layer(m.cfg.num_hidden_layers), step)
+        return mtp(m.embed_tokens(next_ids).unsqueeze(0), hidden.unsqueeze(0), cos, sin, attn=attn)[0]
 
     def greedy_speculative(self, step: Step) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A speculative decode step for requests that are all plain greedy. There the token after each row is the

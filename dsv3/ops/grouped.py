@@ -40,9 +40,16 @@ def _fused_supported(device_type: str, dtype: torch.dtype, capability: tuple[int
         return False
 
 
+# Under torch.compile the answer is a constant of the graph: dynamo would otherwise put the capability query into
+# the graph as an op and run the trial call on fake tensors, and both fail there.
+@torch.compiler.assume_constant_result
+def _fused_on(device: torch.device, dtype: torch.dtype) -> bool:
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return _fused_supported(device.type, dtype, cap)
+
+
 def fused_available(x: torch.Tensor) -> bool:
-    cap = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
-    return _fused_supported(x.device.type, x.dtype, cap)
+    return _fused_on(x.device, x.dtype)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

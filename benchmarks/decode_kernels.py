@@ -1,0 +1,191 @@
+"""How many kernels one decode step launches: the aten ops of the eager step, the kernel calls of the compiled one.
+
+    python -m benchmarks.decode_kernels --preset 1b --batch 1                # eager census (CPU or CUDA)
+    python -m benchmarks.decode_kernels --preset 1b --batch 1 --compile      # and the torch.compile'd step
+
+The step is the function the engine's CUDA graph captures for a bucket of `batch` decode rows: the two input copies,
+the main forward over the paged cache at `--context` cached tokens, the head and the expert load. It is counted
+three ways:
+- aten census (any device): a TorchDispatchMode records every aten op the eager step dispatches, per region
+  (embedding and rope, each layer, head). Views and allocations launch nothing and are listed apart; every other op
+  is about one kernel. The Triton MLA decode kernel (CUDA) is no aten op: add one kernel per layer there.
+- compiled calls (--compile, any device): the wrapper inductor generates for the step, its calls counted by kind
+  (fused kernels it generated, extern GEMMs, aten fallbacks, custom ops such as the Triton MLA decode).
+- device kernels (CUDA only): what the profiler sees on the GPU for one step, eager and compiled, with their summed
+  device time, which is what a graph replay of the step costs without launch gaps.
+Weights are random (drawn on the device); the counts do not depend on them, nor on the context length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dsv3
+from benchmarks.common import save_results, sync
+from benchmarks.decode import random_model
+from dsv3.engine import Engine, SamplingParams
+from dsv3.engine.cache import blocks_for
+from dsv3.engine.graphs import DecodeGraphs
+from dsv3.engine.request import Request
+from dsv3.engine.runner import HostRows, Work, rows_for
+
+BLOCK_SIZE = 64
+ALLOCATIONS = {"empty", "empty_strided", "new_empty", "new_empty_strided"}
+
+
+def launches_nothing(func: torch._ops.OpOverload) -> bool:
+    """Views (every output aliases an input, nothing written) and bare allocations run no kernel."""
+    if func.overloadpacket.__name__ in ALLOCATIONS or func.overloadpacket.__name__ == "_unsafe_view":
+        return True
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+class Census(TorchDispatchMode):
+    """Counts the aten ops dispatched under it, by region (set by module hooks) and by op name."""
+
+    def __init__(self):
+        super().__init__()
+        self.region = "embedding, rope"
+        self.ops: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.free: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        (self.free if launches_nothing(func) else self.ops)[self.region][func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def enter(self, region: str):
+        def hook(module, args, kwargs=None):
+            self.region = region
+        return hook
+
+
+def decode_inputs(engine: Engine, graphs: DecodeGraphs, batch: int, context: int) -> HostRows:
+    """The rows of one decode step of `batch` sequences with `context` tokens cached (the cache holds zeros)."""
+    gen = torch.Generator().manual_seed(0)
+    works = []
+    for i in range(batch):
+        prompt = torch.randint(0, engine.cfg.vocab_size, (context + 1,), generator=gen).tolist()
+        req = Request(f"r{i}", prompt, SamplingParams(max_tokens=1, temperature=0), frozenset())
+        if not engine.cache.reserve(req.blocks, context + 1):
+            raise ValueError(f"the cache holds too few blocks for {batch} sequences of {context + 1} tokens")
+        works.append(Work(req, [prompt[-1]], context, decode=True))
+    return rows_for(works, engine.cache, pad_to=graphs.bucket(batch), width=graphs.width)
+
+
+def census(engine: Engine, graphs: DecodeGraphs, host: HostRows) -> dict:
+    mode = Census()
+    model = engine.model
+    hooks = [layer.register_forward_pre_hook(mode.enter(f"layer {i}")) for i, layer in enumerate(model.layers)]
+    hooks.append(model.norm.register_forward_pre_hook(mode.enter("norm, head, expert load")))
+    try:
+        with torch.no_grad(), mode:
+            graphs.main(host)
+    finally:
+        for h in hooks:
+            h.remove()
+    per_region = {r: sum(c.values()) for r, c in mode.ops.items()}
+    total = collections.Counter()
+    for c in mode.ops.values():
+        total.update(c)
+    return {"aten_ops": sum(total.values()), "aten_ops_by_region": per_region,
+            "top_ops": dict(total.most_common(25)),
+            "views_and_allocations": sum(sum(c.values()) for c in mode.free.values()),
+            "ops_by_layer_kind": {name: dict(mode.ops[name].most_common()) for name in _layer_examples(engine)}}
+
+
+def _layer_examples(engine: Engine) -> list[str]:
+    """The first dense and the first MoE layer: every other layer of its kind runs the same ops."""
+    cfg = engine.cfg
+    dense = next((i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i)), None)
+    moe = next((i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)), None)
+    return [f"layer {i}" for i in (dense, moe) if i is not None]
+
+
+# A statement of the wrapper that launches something, perhaps assigning its result: a generated Triton (`.run(`) or
+# C++ (`cpp_fused...(`) kernel, an extern kernel (GEMMs), a custom or aten op.
+CALL = re.compile(r"^\s+(?:[\w, ]+ = )?(?:(\w+)\.run\(|(cpp_fused\w*)\(|extern_kernels\.(\w+)\(|"
+                  r"(torch\.ops\.\w+\.\w+)|aten\.(\w+))")
+
+
+def compiled_calls(code: str) -> dict:
+    """Kernel calls in the `call` function of inductor's generated wrapper, by kind."""
+    body = code[code.index("def call(self, args)"):]
+    kinds = collections.Counter()
+    for line in body.splitlines():
+        m = CALL.match(line)
+        if m:
+            generated, cpp, extern, op, aten = m.groups()
+            if generated or cpp:
+                kinds["generated kernels"] += 1
+            elif extern:
+                kinds[f"extern {extern}"] += 1
+            else:
+                kinds[op or f"aten.{aten}"] += 1
+    return {"kernel_calls": sum(kinds.values()), "by_kind": dict(kinds.most_common())}
+
+
+def device_kernels(fn, device: torch.device) -> dict:
+    """Kernels (and copies) the profiler sees on the GPU during one call of fn, after a warm-up call."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    names = collections.Counter(e.name[:80] for e in events)
+    return {"kernels": len(events), "device_us": sum(e.time_range.elapsed_us() for e in events),
+            "top_kernels": dict(names.most_common(15))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="1b", help="a random model of this preset (1b)")
+    p.add_argument("--batch", type=int, default=1, help="decode rows in the step (1)")
+    p.add_argument("--context", type=int, default=128, help="cached tokens per sequence (128)")
+    p.add_argument("--compile", action="store_true", help="also count the torch.compile'd step")
+    p.add_argument("--device", default=None, help="cuda or cpu (cuda when available)")
+    args = p.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = dsv3.ModelConfig.preset(args.preset)
+    t0 = time.perf_counter()
+    model = random_model(cfg, device, torch.bfloat16)  # bf16 on any device: its casts are the GPU's kernels
+    print(f"{args.preset}: random weights on {device} in {time.perf_counter() - t0:.0f} s", flush=True)
+    per_seq = blocks_for(args.context + 1, BLOCK_SIZE)
+    engine = Engine(model, max_batch_size=args.batch, block_size=BLOCK_SIZE, num_blocks=args.batch * per_seq,
+                    max_seq_len=args.context + 1, cuda_graphs=False)
+    width = blocks_for(engine.max_seq_len, BLOCK_SIZE)
+    eager = DecodeGraphs(engine.runner, args.batch, width, capture=False)
+    host = decode_inputs(engine, eager, args.batch, args.context)
+    results = {"preset": args.preset, "batch": args.batch, "context": args.context, "device": str(device),
+               "layers": cfg.num_hidden_layers, "decode_kernel": engine.metrics()["decode_kernel"]}
+    results["eager"] = census(engine, eager, host)
+    if device.type == "cuda":
+        with torch.no_grad():
+            results["eager"]["device"] = device_kernels(lambda: eager.main(host), device)
+    if args.compile:
+        from torch._inductor.utils import run_and_get_code
+
+        compiled = DecodeGraphs(engine.runner, args.batch, width, capture=False, compile=True)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            _, codes = run_and_get_code(compiled.main, host)
+        results["compiled"] = {"compile_seconds": time.perf_counter() - t0,
+                               **compiled_calls(next(c for c in codes if "def call(self, args)" in c))}
+        if device.type == "cuda":
+            with torch.no_grad():
+                results["compiled"]["device"] = device_kernels(lambda: compiled.main(host), device)
+    save_results(f"decode_kernels_{args.preset}_b{args.batch}", results)
+
+
+if __name__ == "__main__":
+    main()
