@@ -10,6 +10,7 @@ Notable features:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -182,14 +183,15 @@ class ModelConfig:
             "architectures": ["DeepseekV3ForCausalLM"],
             "model_type": "deepseek_v3",
         }
-        out.update({k: v for k, v in self.extra.items() if k not in ("architectures", "model_type")})
+        out.update({k: copy.deepcopy(v) for k, v in self.extra.items() if k not in ("architectures", "model_type")})
         for f in dataclasses.fields(self):
             if f.name == "extra":
                 continue
             value = getattr(self, f.name)
             if f.name == "quantization_config" and value is None:
                 continue
-            out[f.name] = value
+            # Copies: readers such as transformers' config classes edit the dicts they are given in place.
+            out[f.name] = copy.deepcopy(value)
         return out
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -199,7 +201,7 @@ class ModelConfig:
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**copy.deepcopy({**PRESETS[name], **overrides}))
 
     # ---- validation ----------------------------------------------------------------------------------------
     def _validate(self) -> None:

@@ -84,3 +84,9 @@ def test_frozen():
     cfg = dsv3.ModelConfig.preset("tiny")
     with pytest.raises(Exception):
         cfg.hidden_size = 3  # type: ignore[misc]
+
+
+def test_to_hf_and_presets_hand_out_copies():
+    cfg = ModelConfig.preset("tiny")
+    cfg.to_hf()["rope_scaling"]["factor"] = 99  # as transformers' config classes do to the dict they get
+    assert cfg.rope_scaling["factor"] != 99 and ModelConfig.preset("tiny").rope_scaling["factor"] != 99
