@@ -16,9 +16,11 @@ from dsv3.train import TrainConfig, Trainer, TrainingDiverged, load_train_config
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ):
+def dataset(tmp_path_factory):
     from tests.conftest import SHARED_DATA
 
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
     text = (SHARED_DATA / "corpus" / "shakespeare.txt").read_text(encoding="utf-8")[:300_000]
     src = tmp_path_factory.mktemp("corpus")
     for i in range(6):  # whole files go to validation: make several
