@@ -20,7 +20,6 @@ from dsv3.parallel import (accumulation_steps, all_reduce_loads, all_reduce_mean
 from dsv3.train import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Global batch 8 = micro-batch 2 x 4 accumulation steps in one process, 2 x 2 x 2 ranks in two.
 TRAIN = dict(preset="tiny", seq_len=32, micro_batch=2, batch_size=8, max_steps=4, lr=3e-3, warmup_steps=2,
              log_interval=1, eval_interval=1000, eval_batches=2, save_interval=1000, seed=0)
@@ -92,17 +91,9 @@ def _mixed_precision_step(rank: int) -> dict:
 # ---- fixtures ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from dsv3.prepare import prepare
+    from tests.conftest import shakespeare_dataset  # here, not at the top: torchrun runs this file as a script
 
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    text = (SHARED_DATA / "corpus" / "shakespeare.txt").read_text(encoding="utf-8")[:200_000]
-    src = tmp_path_factory.mktemp("corpus")
-    for i in range(4):  # whole files go to validation: make several
-        (src / f"part{i}.txt").write_text(text[i * 50_000:(i + 1) * 50_000], encoding="utf-8")
-    out = tmp_path_factory.mktemp("data") / "ds"
-    prepare([src], out, vocab_size=512, val_fraction=0.25, workers=1)
-    return out
+    return shakespeare_dataset(tmp_path_factory, n_files=4, val_fraction=0.25)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import dsv3
+from tests.conftest import shakespeare_dataset
 from dsv3.balance import balance_loss, max_violation, update_bias
 from dsv3.model import MoE, Routing
-from dsv3.prepare import prepare
 from dsv3.schedule import LRSchedule, batch_size_at
 from dsv3.loss import head_cross_entropy
 from dsv3.train import TrainConfig, Trainer, TrainingDiverged, load_train_config, mtp_terms
@@ -17,17 +17,7 @@ from dsv3.train import TrainConfig, Trainer, TrainingDiverged, load_train_config
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from tests.conftest import SHARED_DATA
-
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    text = (SHARED_DATA / "corpus" / "shakespeare.txt").read_text(encoding="utf-8")[:300_000]
-    src = tmp_path_factory.mktemp("corpus")
-    for i in range(6):  # whole files go to validation: make several
-        (src / f"part{i}.txt").write_text(text[i * 50_000:(i + 1) * 50_000], encoding="utf-8")
-    out = tmp_path_factory.mktemp("data") / "ds"
-    prepare([src], out, vocab_size=512, val_fraction=0.2, workers=1)
-    return out
+    return shakespeare_dataset(tmp_path_factory, n_files=6, val_fraction=0.2)
 
 
 def _tc(dataset, out, **kw):

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import functools
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from ..chat_format import ToolCallDelta, build_prompt
@@ -135,25 +134,33 @@ class Handlers:
                         "logprobs": self._chat_logprobs(total.scored) if top is not None else None})
         return chat_completion(call.id, call.created, self.model_name, out, self._usage(call))
 
-    async def _chat_stream(self, call: _Call, with_usage: bool) -> AsyncIterator[str]:
+    def _chat_stream(self, call: _Call, with_usage: bool) -> AsyncIterator[str]:
         def chunk(choices: list[dict], usage_: dict | None = None) -> str:
             return sse(chat_chunk(call.id, call.created, self.model_name, choices, with_usage, usage_))
 
         def choice(i: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
             return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
+        def deltas(i: int, d: Delta) -> Iterator[list[dict]]:
+            if d.text or d.scored:
+                lp = self._chat_logprobs(d.scored) if call.choices[i].logprobs else None
+                yield [choice(i, {"content": d.text}, lp)]
+            if d.tool_calls:
+                yield [choice(i, {"tool_calls": [t.to_openai() for t in d.tool_calls]})]
+            if d.finish_reason:
+                yield [choice(i, {}, finish_reason=d.finish_reason)]
+
+        opening = "".join(chunk([choice(i, {"role": "assistant", "content": ""})]) for i in range(len(call.choices)))
+        return self._sse(call, with_usage, chunk, deltas, opening)
+
+    async def _sse(self, call: _Call, with_usage: bool, chunk, deltas, opening: str = "") -> AsyncIterator[str]:
+        """The SSE framing both endpoints share: per engine batch one write of delta chunks, then usage and [DONE]."""
         try:
-            yield "".join(chunk([choice(i, {"role": "assistant", "content": ""})]) for i in range(len(call.choices)))
+            if opening:
+                yield opening
             async for batch in call.gen.batches():
-                events = []  # one write per batch: a socket send costs more than the JSON
-                for i, d in call.take(batch):
-                    if d.text or d.scored:
-                        lp = self._chat_logprobs(d.scored) if call.choices[i].logprobs else None
-                        events.append(chunk([choice(i, {"content": d.text}, lp)]))
-                    if d.tool_calls:
-                        events.append(chunk([choice(i, {"tool_calls": [t.to_openai() for t in d.tool_calls]})]))
-                    if d.finish_reason:
-                        events.append(chunk([choice(i, {}, finish_reason=d.finish_reason)]))
+                # one write per batch: a socket send costs more than the JSON
+                events = [chunk(choices) for i, d in call.take(batch) for choices in deltas(i, d)]
                 if events:
                     yield "".join(events)
             if with_usage:
@@ -197,29 +204,18 @@ class Handlers:
                for i, (choice, total) in enumerate(zip(call.choices, call.totals))]
         return text_completion(call.id, call.created, self.model_name, out, self._usage(call))
 
-    async def _completion_stream(self, call: _Call, with_usage: bool) -> AsyncIterator[str]:
+    def _completion_stream(self, call: _Call, with_usage: bool) -> AsyncIterator[str]:
         def chunk(choices: list[dict], usage_: dict | None = None) -> str:
             return sse(text_completion(call.id, call.created, self.model_name, choices, usage_, with_usage))
 
-        try:
-            async for batch in call.gen.batches():
-                events = []
-                for i, d in call.take(batch):
-                    if d.text or d.scored:
-                        lp = self._completion_logprobs(d.scored) if call.choices[i].logprobs else None
-                        events.append(chunk([{"index": i, "text": d.text, "logprobs": lp, "finish_reason": None}]))
-                    if d.finish_reason:
-                        events.append(chunk([{"index": i, "text": "", "logprobs": None,
-                                              "finish_reason": d.finish_reason}]))
-                if events:
-                    yield "".join(events)
-            if with_usage:
-                yield chunk([], self._usage(call))
-        except EngineError as e:
-            yield sse(self._engine_error(e).body())
-        finally:
-            call.close()
-        yield sse("[DONE]")
+        def deltas(i: int, d: Delta) -> Iterator[list[dict]]:
+            if d.text or d.scored:
+                lp = self._completion_logprobs(d.scored) if call.choices[i].logprobs else None
+                yield [{"index": i, "text": d.text, "logprobs": lp, "finish_reason": None}]
+            if d.finish_reason:
+                yield [{"index": i, "text": "", "logprobs": None, "finish_reason": d.finish_reason}]
+
+        return self._sse(call, with_usage, chunk, deltas)
 
     def _completion_logprobs(self, scored: list[Scored]) -> dict:
         t = self.token_text
