@@ -4,6 +4,7 @@ import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TOKENIZER_DIR = SHARED_DATA / "tokenizers" / "deepseek-v3"
 
 
 @pytest.fixture(autouse=True)
@@ -33,3 +34,25 @@ def shakespeare_dataset(tmp_path_factory, n_files: int, val_fraction: float) -> 
     out = tmp_path_factory.mktemp("data") / "ds"
     prepare([src], out, vocab_size=512, val_fraction=val_fraction, workers=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def tok_dir() -> Path:
+    """The official DeepSeek-V3 tokenizer folder (tokenizer.json + tokenizer_config.json with the chat template)."""
+    if not TOKENIZER_DIR.is_dir():
+        pytest.skip(f"DeepSeek-V3 tokenizer not found at {TOKENIZER_DIR}")
+    return TOKENIZER_DIR
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir):
+    from dsv3.tokenizer import Tokenizer
+
+    return Tokenizer.from_path(tok_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_tok(tok_dir):
+    """transformers' tokenizer for the same folder: the peer for chat templates and token ids."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(tok_dir))

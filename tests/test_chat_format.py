@@ -3,30 +3,15 @@ tool-call parser checked against the template's own rendering and against itself
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from dsv3.chat_format import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, TOOL_SEP, TOOL_TOKENS, ContentDelta,
                               ToolCallDelta, ToolCallStreamParser, build_prompt, parse_tool_calls, render_chat,
                               tools_system_prompt, validate_tools)
-from dsv3.tokenizer import StreamDecoder, Tokenizer
+from dsv3.tokenizer import StreamDecoder
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "deepseek-v3"
 EOS = "<｜end▁of▁sentence｜>"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"DeepSeek-V3 tokenizer not found at {TOKENIZER_DIR}")
-    return Tokenizer.from_path(TOKENIZER_DIR)
-
-
-@pytest.fixture(scope="module")
-def hf(tok):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
 def call(name, args, id="c"):
@@ -65,10 +50,10 @@ TOOL_CONVERSATIONS = {
 }
 
 
-def hf_render(hf, messages, add_generation_prompt=True, template=None, **kw):
+def hf_render(hf_tok, messages, add_generation_prompt=True, template=None, **kw):
     from transformers.utils.chat_template_utils import render_jinja_template
-    rendered, _ = render_jinja_template(conversations=[messages], chat_template=template or hf.chat_template,
-                                        add_generation_prompt=add_generation_prompt, **hf.special_tokens_map, **kw)
+    rendered, _ = render_jinja_template(conversations=[messages], chat_template=template or hf_tok.chat_template,
+                                        add_generation_prompt=add_generation_prompt, **hf_tok.special_tokens_map, **kw)
     return rendered[0]
 
 
@@ -79,32 +64,32 @@ def ours(tok, messages, add_generation_prompt=True, **kw):
 
 @pytest.mark.parametrize("name", CONVERSATIONS)
 @pytest.mark.parametrize("gen", [True, False])
-def test_render_matches_apply_chat_template(tok, hf, name, gen):
+def test_render_matches_apply_chat_template(tok, hf_tok, name, gen):
     messages = CONVERSATIONS[name]
-    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    expected = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
     assert ours(tok, messages, gen) == expected
-    hf_ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=False)
+    hf_ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=False)
     assert tok.encode(expected) == hf_ids
 
 
 @pytest.mark.parametrize("name", TOOL_CONVERSATIONS)
 @pytest.mark.parametrize("gen", [True, False])
-def test_render_tool_turns_match_transformers(tok, hf, name, gen):
+def test_render_tool_turns_match_transformers(tok, hf_tok, name, gen):
     messages = TOOL_CONVERSATIONS[name]
     text = ours(tok, messages, gen)
-    assert text == hf_render(hf, messages, gen)
+    assert text == hf_render(hf_tok, messages, gen)
     n_calls = sum(len(m.get("tool_calls", [])) for m in messages)
     assert text.count(CALL_BEGIN) == n_calls
     assert text.count("<｜tool▁output▁begin｜>") == sum(m["role"] == "tool" for m in messages)
 
 
-def test_template_helpers_match_transformers(hf):
+def test_template_helpers_match_transformers(hf_tok):
     template = ("{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
                 "{% generation %}[{{ m.role }}] {{ m | tojson }}{% endgeneration %}\n{% endfor %}"
                 "{{ tools | tojson(indent=2) }}{{ extra }}{% if add_generation_prompt %}>{% endif %}")
     messages = [{"role": "user", "content": "<b>é & 'x'</b>"}, {"role": "assistant", "content": "ok"}, USER]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    expected = hf.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
+    expected = hf_tok.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
                                       add_generation_prompt=True, extra="!")
     assert render_chat(template, messages, tools=tools, extra="!") == expected
     assert '"<b>é & \'x\'</b>"' in expected  # not HTML-escaped, not ASCII-escaped
@@ -133,14 +118,14 @@ TOOLS = [
 ]
 
 
-def test_build_prompt_joins_system_prompt_like_the_template(tok, hf):
+def test_build_prompt_joins_system_prompt_like_the_template(tok, hf_tok):
     block = tools_system_prompt(TOOLS, "auto")
     got = build_prompt(tok.chat_template, [SYS, USER], TOOLS, "auto", bos_token=tok.bos_token,
                        eos_token=tok.eos_token)
-    assert got == hf.apply_chat_template([SYS, {"role": "system", "content": block}, USER], tokenize=False,
+    assert got == hf_tok.apply_chat_template([SYS, {"role": "system", "content": block}, USER], tokenize=False,
                                          add_generation_prompt=True)
     got = build_prompt(tok.chat_template, [USER], TOOLS, bos_token=tok.bos_token)
-    assert got == hf.apply_chat_template([{"role": "system", "content": block}, USER], tokenize=False,
+    assert got == hf_tok.apply_chat_template([{"role": "system", "content": block}, USER], tokenize=False,
                                          add_generation_prompt=True)
     # no tools: the plain template rendering
     assert build_prompt(tok.chat_template, [SYS, USER], bos_token=tok.bos_token) == ours(tok, [SYS, USER])

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import dsv3
+from tests.conftest import TOKENIZER_DIR
 from dsv3.chat_format import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, TOOL_SEP, build_prompt
 from dsv3.model import MoE
 from dsv3.server import EngineClient, Prices, ServerConfig, create_app
@@ -38,7 +39,6 @@ from dsv3.tokenizer import Tokenizer
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "deepseek-v3"
 MODEL = "dsv3-tiny-scripted"
 KEY = "sk-test-key"
 MARGIN = 30.0  # logit of a chain's next token; every other logit is 0
@@ -102,19 +102,6 @@ def scripted_model(cfg: dsv3.ModelConfig, chains: dict[int, int]) -> dsv3.Transf
             model.embed_tokens.weight[a, k] = 1.0
             model.lm_head.weight[b, k] = head
     return model
-
-
-@pytest.fixture(scope="module")
-def tok():
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"DeepSeek-V3 tokenizer not found at {TOKENIZER_DIR}")
-    return Tokenizer.from_path(TOKENIZER_DIR)
-
-
-@pytest.fixture(scope="module")
-def hf_tok(tok):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
 @pytest.fixture(scope="module")

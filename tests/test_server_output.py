@@ -2,7 +2,6 @@
 the engine's tokens were split into outputs, stop strings cut exactly, and the exposition matches hand counts."""
 
 import random
-from pathlib import Path
 
 import pytest
 
@@ -10,19 +9,10 @@ from dsv3.chat_format import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, TOOL_
 from dsv3.engine import RequestOutput
 from dsv3.server.metrics import Counter, Histogram, Registry
 from dsv3.server.output import ChoiceText, Delta
-from dsv3.tokenizer import Tokenizer
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "deepseek-v3"
 TEXT = "Le temps à Paris: 18°C, 天气很好. "
 CALL = (f"{CALLS_BEGIN}{CALL_BEGIN}function{TOOL_SEP}get_weather\n```json\n{{\"city\": \"Paris\"}}\n```{CALL_END}"
         f"{CALLS_END}")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"DeepSeek-V3 tokenizer not found at {TOKENIZER_DIR}")
-    return Tokenizer.from_path(TOKENIZER_DIR)
 
 
 def run(tok, ids: list[int], cuts: list[int], reason: str, **kw) -> tuple:

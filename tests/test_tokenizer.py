@@ -3,32 +3,12 @@ guarantees: pieces concatenate to `decode`, and no piece ends in half a characte
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 
 from dsv3.tokenizer import StreamDecoder, Tokenizer
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "deepseek-v3"
-
-
-@pytest.fixture(scope="module")
-def tok_dir():
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"DeepSeek-V3 tokenizer not found at {TOKENIZER_DIR}")
-    return TOKENIZER_DIR
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return Tokenizer.from_path(tok_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(tok_dir):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(tok_dir))
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +20,24 @@ def texts(tok_dir):
             f"{BOS}<｜User｜>hi<｜Assistant｜>yo{EOS}", "   leading and trailing spaces   ", ""]
 
 
-def test_folder_matches_hf(tok, hf):
-    assert tok.vocab_size == len(hf) == 128815
-    assert (tok.bos_token, tok.eos_token) == (hf.bos_token, hf.eos_token)
-    assert (tok.bos_id, tok.eos_id) == (hf.bos_token_id, hf.eos_token_id) == (0, 1)
-    assert tok.chat_template == hf.chat_template
-    assert tok.token_id("<｜tool▁calls▁begin｜>") == hf.convert_tokens_to_ids("<｜tool▁calls▁begin｜>") == 128806
-    assert tok.special_tokens["<｜User｜>"] == hf.convert_tokens_to_ids("<｜User｜>")
+def test_folder_matches_hf(tok, hf_tok):
+    assert tok.vocab_size == len(hf_tok) == 128815
+    assert (tok.bos_token, tok.eos_token) == (hf_tok.bos_token, hf_tok.eos_token)
+    assert (tok.bos_id, tok.eos_id) == (hf_tok.bos_token_id, hf_tok.eos_token_id) == (0, 1)
+    assert tok.chat_template == hf_tok.chat_template
+    assert tok.token_id("<｜tool▁calls▁begin｜>") == hf_tok.convert_tokens_to_ids("<｜tool▁calls▁begin｜>") == 128806
+    assert tok.special_tokens["<｜User｜>"] == hf_tok.convert_tokens_to_ids("<｜User｜>")
     with pytest.raises(ValueError, match="not a token"):
         tok.token_id("<｜no such token｜>")
 
 
-def test_encode_decode_match_hf(tok, hf, texts):
+def test_encode_decode_match_hf(tok, hf_tok, texts):
     for text in texts:
         ids = tok.encode(text)
-        assert ids == hf.encode(text, add_special_tokens=False)
-        assert tok.encode(text, add_bos=True) == [hf.bos_token_id, *ids]
-        assert tok.decode(ids) == hf.decode(ids) == text
-        assert tok.decode(ids, skip_special=True) == hf.decode(ids, skip_special_tokens=True)
+        assert ids == hf_tok.encode(text, add_special_tokens=False)
+        assert tok.encode(text, add_bos=True) == [hf_tok.bos_token_id, *ids]
+        assert tok.decode(ids) == hf_tok.decode(ids) == text
+        assert tok.decode(ids, skip_special=True) == hf_tok.decode(ids, skip_special_tokens=True)
     # control tokens written in the text are single ids (as when encoding a rendered chat prompt)
     assert tok.encode(f"{BOS}<｜User｜>") == [0, 128803]
 
