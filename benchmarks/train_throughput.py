@@ -21,14 +21,12 @@ from benchmarks.common import save_results
 from dsv3.balance import balance_loss, update_bias
 from dsv3.info import model_stats
 from dsv3.loss import head_cross_entropy
-from dsv3.train import PEAK_BF16_TFLOPS, mtp_terms
+from dsv3.fp8_train import make_adamw
+from dsv3.train import adamw_param_groups, mtp_terms, peak_bf16_flops
 
 
 def _optimizer(model):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                             lr=1e-4, betas=(0.9, 0.95), fused=True)
+    return make_adamw(adamw_param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))  # fused on CUDA
 
 
 def _time_steps(step, n_warmup: int, n_steps: int) -> float:
@@ -103,8 +101,7 @@ def main() -> None:
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
                for _ in range(4)]
     tokens = args.batch * args.seq
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 989.0) * 1e12
+    peak = peak_bf16_flops(device) or 989e12
     flops = {d: model_stats(cfg.replace(num_nextn_predict_layers=d), args.seq) for d in (0, 1)}
     fpt = {0: 3 * flops[0].fwd_flops_per_token, 1: flops[1].train_flops_per_token}
     results: dict = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "peak_tflops": peak / 1e12,

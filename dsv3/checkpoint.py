@@ -75,7 +75,8 @@ def hf_name(native: str, cfg: ModelConfig) -> str:
 def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's tensors under their HF checkpoint names (experts split, MTP's shared tensors repeated)."""
     cfg = model.cfg
-    for native, tensor in model.state_dict().items():
+    state = model.state_dict()
+    for native, tensor in state.items():
         stacked = next((s for s in EXPERT_SPLIT if native.endswith(s)), None)
         if stacked is None:
             yield hf_name(native, cfg), tensor
@@ -88,7 +89,7 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"{prefix}{e}.{proj}.weight", rows
     for k in range(len(model.mtp)):
         for suffix, native in MTP_SHARED:
-            yield f"model.layers.{cfg.num_hidden_layers + k}.{suffix}", model.state_dict()[native]
+            yield f"model.layers.{cfg.num_hidden_layers + k}.{suffix}", state[native]
 
 
 def fp8_eligible(name: str, tensor: torch.Tensor) -> bool:

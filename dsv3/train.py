@@ -124,17 +124,20 @@ class TrainingDiverged(RuntimeError):
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0, "A100": 312.0, "L40S": 362.0}
 
 
-def _peak_flops(tc: TrainConfig, device: torch.device, precision: str) -> float | None:
-    if tc.peak_tflops is not None:
-        return tc.peak_tflops * 1e12
+def peak_bf16_flops(device: torch.device) -> float | None:
+    """Dense bf16 FLOP/s of a known GPU, None elsewhere. MFU is quoted against the bf16 peak even for FP8 runs,
+    so the two compare on one scale."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            # MFU is quoted against the bf16 peak even for FP8 runs, so the two compare on one scale.
-            return tflops * 1e12
-    return None
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; norms and biases are left alone."""
+    params = list(model.parameters())
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 class Trainer:
@@ -186,7 +189,7 @@ class Trainer:
         stats = model_stats(cfg, tc.seq_len)
         self.flops_per_token = stats.train_flops_per_token if cfg.num_nextn_predict_layers else \
             3 * stats.fwd_flops_per_token
-        peak = _peak_flops(tc, self.device, self.precision)
+        peak = tc.peak_tflops * 1e12 if tc.peak_tflops is not None else peak_bf16_flops(self.device)
         self.peak_flops = peak * self.world_size if peak else None  # the whole job's
         if resume:
             self._resume(Path(resume))
@@ -196,9 +199,7 @@ class Trainer:
         return self.tc.seq_aux_alpha if self.tc.balance == "aux_free" else self.tc.aux_loss_alpha
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = adamw_param_groups(self.model, self.tc.weight_decay)
         bf16_moments = self.tc.bf16_moments if self.tc.bf16_moments is not None else self.precision == "fp8"
         return make_adamw(groups, lr=self.tc.lr, betas=(self.tc.beta1, self.tc.beta2),
                           weight_decay=self.tc.weight_decay, bf16_moments=bf16_moments)
