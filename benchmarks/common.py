@@ -32,6 +32,29 @@ def time_fn(fn, device: torch.device, warmup: int = 3, iters: int = 10) -> float
     return times[len(times) // 2]
 
 
+def kernel_profile(fn, device: torch.device, top: int = 15) -> dict:
+    """The GPU kernels (and copies) of one call of fn, after a warm-up call: their count, summed device time, and
+    the `top` names by summed time with their launch counts."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    us: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for e in events:
+        name = e.name[:90]
+        us[name] = us.get(name, 0.0) + e.time_range.elapsed_us()
+        calls[name] = calls.get(name, 0) + 1
+    ranked = sorted(us, key=us.get, reverse=True)[:top]
+    return {"kernels": len(events), "device_us": sum(us.values()),
+            "top_kernels_by_time": {n: {"us": round(us[n], 1), "calls": calls[n]} for n in ranked}}
+
+
 def machine() -> dict:
     info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "torch": torch.__version__,
             "python": platform.python_version()}

@@ -12,7 +12,7 @@ three ways:
 - compiled calls (--compile, any device): the wrapper inductor generates for the step, its calls counted by kind
   (fused kernels it generated, extern GEMMs, aten fallbacks, custom ops such as the Triton MLA decode).
 - device kernels (CUDA only): what the profiler sees on the GPU for one step, eager and compiled, with their summed
-  device time, which is what a graph replay of the step costs without launch gaps.
+  device time (what a graph replay of the step costs without launch gaps) and the kernels that take most of it.
 Weights are random (drawn on the device); the counts do not depend on them, nor on the context length.
 """
 
@@ -27,7 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsv3
-from benchmarks.common import save_results, sync
+from benchmarks.common import kernel_profile, save_results
 from benchmarks.decode import random_model
 from dsv3.engine import Engine, SamplingParams
 from dsv3.engine.cache import blocks_for
@@ -131,22 +131,6 @@ def compiled_calls(code: str) -> dict:
     return {"kernel_calls": sum(kinds.values()), "by_kind": dict(kinds.most_common())}
 
 
-def device_kernels(fn, device: torch.device) -> dict:
-    """Kernels (and copies) the profiler sees on the GPU during one call of fn, after a warm-up call."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        sync(device)
-    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    names = collections.Counter(e.name[:80] for e in events)
-    return {"kernels": len(events), "device_us": sum(e.time_range.elapsed_us() for e in events),
-            "top_kernels": dict(names.most_common(15))}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="1b", help="a random model of this preset (1b)")
@@ -171,7 +155,7 @@ def main() -> None:
     results["eager"] = census(engine, eager, host)
     if device.type == "cuda":
         with torch.no_grad():
-            results["eager"]["device"] = device_kernels(lambda: eager.main(host), device)
+            results["eager"]["device"] = kernel_profile(lambda: eager.main(host), device)
     if args.compile:
         from torch._inductor.utils import run_and_get_code
 
@@ -183,7 +167,7 @@ def main() -> None:
                                **compiled_calls(next(c for c in codes if "def call(self, args)" in c))}
         if device.type == "cuda":
             with torch.no_grad():
-                results["compiled"]["device"] = device_kernels(lambda: compiled.main(host), device)
+                results["compiled"]["device"] = kernel_profile(lambda: compiled.main(host), device)
     save_results(f"decode_kernels_{args.preset}_b{args.batch}", results)
 
 

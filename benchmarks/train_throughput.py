@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3
-from benchmarks.common import save_results
+from benchmarks.common import kernel_profile, save_results
 from dsv3.balance import balance_loss, update_bias
 from dsv3.info import model_stats
 from dsv3.loss import head_cross_entropy
@@ -92,11 +92,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--compile", action="store_true", help="also time dsv3 under torch.compile")
     p.add_argument("--hf-impls", default="grouped_mm,eager")
+    p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
+    p.add_argument("--profile", action="store_true",
+                   help="also list the GPU kernels of one dsv3 step (MTP on) by device time")
     args = p.parse_args()
     import transformers
 
     device = torch.device("cuda")
-    cfg = dsv3.ModelConfig.preset(args.preset)
+    cfg = dsv3.ModelConfig.preset(args.preset, **({"vocab_size": args.vocab} if args.vocab else {}))
     gen = torch.Generator(device="cpu").manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
                for _ in range(4)]
@@ -119,14 +122,16 @@ def main() -> None:
         model = dsv3.build_model(cfg.replace(num_nextn_predict_layers=depth), device=device, seed=0)
         model.train()
         run = torch.compile(model) if compiled else model
-        record(key, _time_steps(dsv3_step_fn(run, batches, mtp=depth > 0), 3 if compiled else 2, args.steps),
-               fpt[depth])
+        step = dsv3_step_fn(run, batches, mtp=depth > 0)
+        record(key, _time_steps(step, 3 if compiled else 2, args.steps), fpt[depth])
+        if args.profile and depth == 1:
+            results[f"{key}_profile"] = kernel_profile(step, device, top=25)
         del model, run
         torch.cuda.empty_cache()
 
     hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in cfg.replace(num_nextn_predict_layers=0)
                                               .to_hf().items() if k not in ("architectures", "torch_dtype")})
-    for impl in args.hf_impls.split(","):
+    for impl in filter(None, args.hf_impls.split(",")):
         try:
             hf = transformers.DeepseekV3ForCausalLM._from_config(hf_cfg, experts_implementation=impl,
                                                                  attn_implementation="sdpa").to(device)
@@ -137,7 +142,7 @@ def main() -> None:
         record(f"hf_{impl}", _time_steps(hf_step_fn(hf, batches), 2, args.steps), fpt[0])
         del hf
         torch.cuda.empty_cache()
-    for impl in args.hf_impls.split(","):
+    for impl in filter(None, args.hf_impls.split(",")):
         if f"hf_{impl}_tokens_per_s" in results:
             for key in ("dsv3", "dsv3_compiled"):
                 if f"{key}_tokens_per_s" in results:

@@ -59,7 +59,10 @@ AMAX_FLOOR = 1e-4  # smallest amax a scale is computed from: all-zero tiles get 
 
 def scale_from_amax(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     """fp32 scales amax / 448 (amax clamped at AMAX_FLOOR), rounded up to a power of two with pow2."""
-    scale = amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    amax = amax.float().clamp(min=AMAX_FLOOR)
+    # A tensor divisor: CUDA turns division by a Python scalar into multiplication by its reciprocal, which can be
+    # an ulp off the correctly rounded quotient the Triton kernels compute.
+    scale = amax / torch.full_like(amax, FP8_MAX)
     if pow2:
         # Add the largest mantissa to the bit pattern and drop the mantissa: exact ceil to a power of two for the
         # normal, positive floats scales are (log2/ceil/exp2 can round the wrong way next to a power of two).

@@ -11,6 +11,9 @@ Notable features:
   back from `forward(..., mtp=True)` for training and drafting.
 - Each MoE layer records the tokens routed to each expert in its last forward (`mlp.load`), which the trainer uses
   for the auxiliary-loss-free bias update and MaxVio.
+- At decode batch sizes (inference, CUDA, T * K <= E) a MoE layer runs fused Triton kernels instead (`ops.moe_decode`:
+  one routing launch, two expert GEMVs over the chosen experts' weights): the same routing and load, the same output
+  up to rounding.
 - No process-group state: distribution wraps the model from outside.
 """
 
@@ -26,6 +29,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig, yarn_mscale
+from .ops import moe_decode
 from .ops.grouped import grouped_mm
 
 
@@ -188,11 +192,15 @@ class Gate(nn.Module):
         else:
             self.e_score_correction_bias = None
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, D] -> [N, E] fp32
+        with torch.autocast(x.device.type, enabled=False):  # routing in fp32: near-ties decide experts
+            return F.linear(x.float(), self.weight.float())
+
     def forward(self, x: torch.Tensor) -> Routing:
         # x: [N, D]
         cfg = self.cfg
-        with torch.autocast(x.device.type, enabled=False):  # routing in fp32: near-ties decide experts
-            logits = F.linear(x.float(), self.weight.float())
+        logits = self.logits(x)
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
         groups = cfg.n_group or 1
@@ -248,14 +256,31 @@ class MoE(nn.Module):
         n_shared = cfg.n_shared_experts or 0
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
         self.load: torch.Tensor | None = None  # [E] tokens per expert in the last forward
-        self.routing: Routing | None = None  # kept only while `keep_routing` is set (balance losses)
+        self.routing: Routing | None = None  # kept only while `keep_routing` is set (balance losses, the engine)
         self.keep_routing = False
+        self.route_spec = moe_decode.RouteSpec.from_config(cfg)
+
+    def decode_path(self, x: torch.Tensor) -> bool:
+        """Whether x [N, D] takes the fused decode kernels: inference (no grad) on CUDA with Triton, bf16/fp16
+        activations and experts of the same dtype (plain Experts: a subclass such as FP8's keeps its own forward),
+        no autocast, and few enough tokens (`moe_decode.fits`)."""
+        w = self.experts.gate_up_proj
+        return (not torch.is_grad_enabled() and type(self.experts) is Experts
+                and moe_decode.triton_available(x.device) and x.dtype in (torch.bfloat16, torch.float16)
+                and w.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)
+                and moe_decode.fits(x.shape[0], self.route_spec.top_k, w.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        routing = self.gate(flat)
-        y, self.load = self.experts(flat, routing)
+        if self.decode_path(flat):
+            weights, indices, scores, self.load = moe_decode.route(self.gate.logits(flat),
+                                                                   self.gate.e_score_correction_bias, self.route_spec)
+            routing = Routing(weights, indices, scores)
+            y = moe_decode.experts(flat, self.experts.gate_up_proj, self.experts.down_proj, weights, indices)
+        else:
+            routing = self.gate(flat)
+            y, self.load = self.experts(flat, routing)
         self.routing = routing if self.keep_routing else None
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)

@@ -5,7 +5,7 @@ Notable features:
 - `quantize_act`: one pass over an activation (or its gradient) writes both of its FP8 forms: 1x128 tiles along
   channels for Fprop/Dgrad and, transposed, 128x1 tiles along tokens for Wgrad. Token tiles restart at each group's
   (expert's) first row (`RowTiles`), so one kernel serves dense layers and routed experts.
-- `quantize_weight`: a [G, N, K] stack of weights to 128x128 blocks plus the transposed copy Dgrad reads, one pass.
+- `quantize_weight`: a [G, N, K] stack of weights to 128x128 blocks (one pass) plus the transposed copy Dgrad reads.
 - `gemm`: Y = A B_g^T for the rows of each group g, A in 1x128 tiles, B in 128x128 blocks. A dense product goes to
   torch._scaled_mm (cuBLASLt's block-scaled FP8 kernels) when this torch and GPU take the layouts; everything else,
   the routed experts included, to a Triton kernel that promotes each 128-deep partial product into fp32.
@@ -17,6 +17,9 @@ The torch APIs, as read in torch's CUDA source (ScaledBlas.cpp, 2.13) and checke
 tests/test_fp8_gpu.py: torch._scaled_mm takes 1x128 x 128x128 and 1x128 x 1x128 block scales on sm90 (cuBLASLt
 >= 12.9), with A row-major and B column-major; a 1x128 scale_a is [M, K/128] with strides (1, M); a 128x128
 scale_b is the transpose of a row-major [N/128, K/128] grid; a 1x128 scale_b is a row-major [K/128, N] grid.
+cuBLASLt wants the 128x128 grid's K/128 padded to a multiple of 4, and on the H200 (torch 2.11) a grid with
+K/128 = 5 gave wrong products (and "Invalid scaling configuration" once padded): such reductions (K <= 128 * 4 or
+not a multiple of 512) take the Triton kernel, as do all grouped (expert) products.
 torch.nn.functional.scaled_mm wraps the same kernels with another 128x128 layout (K blocks padded to a multiple
 of 4); we use _scaled_mm. torch._scaled_grouped_mm takes only row-wise scales on sm90, not these tiles, hence the
 Triton grouped GEMM.
@@ -215,7 +218,7 @@ if triton is not None:
             tl.store(st_ptr + tile * k_pad + cols, scale_c)
 
     @triton.jit
-    def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, n, k, n_pad, k_pad, stride_wg, stride_wn, stride_wk,
+    def _quant_weight_kernel(w_ptr, q_ptr, s_ptr, n, k, n_pad, k_pad, stride_wg, stride_wn, stride_wk,
                              POW2: tl.constexpr, BLOCK: tl.constexpr):
         g = tl.program_id(0).to(tl.int64)
         nb = tl.program_id(1)
@@ -228,7 +231,6 @@ if triton is not None:
         q = tl.clamp(tl.div_rn(w, scale), -_FP8_MAX, _FP8_MAX)
         plane = g * n_pad * k_pad
         tl.store(q_ptr + plane + rn[:, None] * k_pad + rk[None, :], q.to(q_ptr.dtype.element_ty))
-        tl.store(qt_ptr + plane + rk[:, None] * n_pad + rn[None, :], tl.trans(q).to(qt_ptr.dtype.element_ty))
         tl.store(s_ptr + (g * (n_pad // BLOCK) + nb) * (k_pad // BLOCK) + kb, scale)
 
     @triton.jit
@@ -339,11 +341,12 @@ def quantize_weight(w: torch.Tensor, pow2: bool = False, emulate: bool = False) 
     g, n, k = w.shape
     np_, kp = _padded(n), _padded(k)
     q = torch.empty((g, np_, kp), dtype=FP8, device=w.device)
-    qt = torch.empty((g, kp, np_), dtype=FP8, device=w.device)
     s = torch.empty((g, np_ // BLOCK, kp // BLOCK), dtype=torch.float32, device=w.device)
     _quant_weight_kernel[(g, np_ // BLOCK, kp // BLOCK)](
-        w, q, qt, s, n, k, np_, kp, *w.stride(), POW2=pow2, BLOCK=BLOCK, num_warps=8)
-    return WeightFp8(q, qt, s)
+        w, q, s, n, k, np_, kp, *w.stride(), POW2=pow2, BLOCK=BLOCK, num_warps=8)
+    # The transpose as a copy of the FP8 bytes: storing tl.trans(q) from the kernel wrote wrong bytes under
+    # Triton 3.6 on the H200 (tests/test_fp8_gpu.py), and a byte copy of a weight is cheap next to the GEMMs.
+    return WeightFp8(q, q.transpose(1, 2).contiguous(), s)
 
 
 def gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, tiles: RowTiles, n_out: int,
@@ -351,8 +354,8 @@ def gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, t
     """Fprop and Dgrad; the arguments are those of gemm_reference."""
     if emulate:
         return gemm_reference(a, sa, b, sb, tiles, n_out, out_dtype)
-    if tiles.groups == 1 and a.shape[0] % 16 == 0 and cublas_block_scaled(a.device):
-        # cuBLASLt wants 16-aligned dimensions; other row counts take the Triton kernel.
+    if tiles.groups == 1 and a.shape[0] % 16 == 0 and sb.shape[-1] % 4 == 0 and cublas_block_scaled(a.device):
+        # cuBLASLt wants 16-aligned rows and a 128x128 scale grid 4 blocks deep (see the docstring).
         return torch._scaled_mm(a, b[0].t(), scale_a=sa, scale_b=sb[0].contiguous().t(),
                                 out_dtype=out_dtype)[:, :n_out]
     return gemm_triton(a, sa, b, sb, tiles, n_out, out_dtype)
@@ -395,20 +398,21 @@ def _cublas_check(device: torch.device) -> str | None:
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return "torch._scaled_mm is not available"
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(64, 256, device=device, generator=gen)
-    w = torch.randn(1, 384, 256, device=device, generator=gen)
-    dy = torch.randn(64, 384, device=device, generator=gen)
+    # Reductions 4 blocks deep both ways (512), as `gemm` only sends such products here.
+    x = torch.randn(64, 512, device=device, generator=gen)
+    w = torch.randn(1, 512, 512, device=device, generator=gen)
+    dy = torch.randn(64, 512, device=device, generator=gen)
     tiles = row_tiles(64, device=device)
     xq, dyq = quantize_act(x, tiles), quantize_act(dy, tiles)
     wq = quantize_weight(w)
     pairs = [
         lambda: torch._scaled_mm(xq.q, wq.q[0].t(), scale_a=xq.s, scale_b=wq.s[0].t(), out_dtype=torch.float32),
-        lambda: gemm_reference(xq.q, xq.s, wq.q, wq.s, tiles, 384, torch.float32),
+        lambda: gemm_reference(xq.q, xq.s, wq.q, wq.s, tiles, 512, torch.float32),
         lambda: torch._scaled_mm(dyq.q, wq.qt[0].t(), scale_a=dyq.s, scale_b=wq.s[0].t().contiguous().t(),
                                  out_dtype=torch.float32),
-        lambda: gemm_reference(dyq.q, dyq.s, wq.qt, wq.s.transpose(1, 2), tiles, 256, torch.float32),
+        lambda: gemm_reference(dyq.q, dyq.s, wq.qt, wq.s.transpose(1, 2), tiles, 512, torch.float32),
         lambda: torch._scaled_mm(dyq.qt, xq.qt.t(), scale_a=dyq.st.t(), scale_b=xq.st, out_dtype=torch.float32),
-        lambda: wgrad_reference(dyq, xq, tiles, 384, 256)[0],
+        lambda: wgrad_reference(dyq, xq, tiles, 512, 512)[0],
     ]
     for fast, ref in zip(pairs[::2], pairs[1::2]):
         try:

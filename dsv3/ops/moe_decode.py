@@ -1,0 +1,358 @@
+"""The MoE layer at decode batch sizes: fused routing and fused small-batch experts (Triton), each beside its plain
+PyTorch reference.
+
+A decode step hands each MoE layer a handful of tokens. The general path (`Gate.forward`, then `Experts.forward`'s
+sort and grouped GEMM) then costs ~15 small routing kernels and two CUTLASS grouped GEMMs running well below HBM
+bandwidth. Here the layer is three launches after the gate's fp32 GEMV:
+
+- `route`: one program takes the fp32 gate logits [T, E] through all of `Gate.forward`: sigmoid or softmax scores,
+  the correction bias (for choosing only), group scores (sum of the top two for noaux_tc, the max for
+  group_limited_greedy), the `topk_group` best groups, the top-k experts inside them, their weights (normalised,
+  scaled) and the tokens per expert. Each top-k is k rounds of argmax, ties going to the lower index; the counts
+  are summed in registers (no atomics, no zeroed buffer). One program loops over blocks of tokens.
+- `experts`: two GEMV kernels that read only the chosen experts' weights, along their contiguous reduction dim.
+  gate/up: a program per (token-expert pair, tile of I) computes silu(x . Wg[i]) * (x . Wu[i]); down: a program per
+  (pair, tile of D) writes its output times the routing weight in fp32, and one small sum over each token's K pairs
+  follows (no atomics: the result does not depend on scheduling). Programs of the same weight tile for different pairs are adjacent in launch order, so
+  tokens that share an expert mostly read it from L2.
+- A GEMV re-reads an expert once per token that chose it, so the fused path pays off while T * K <= E (`fits`);
+  above that the grouped GEMM reads each expert once for all its tokens.
+- Graph-safe: shapes are static, nothing syncs with the host. Under torch.compile the kernels are the opaque custom
+  ops `dsv3::moe_route` and `dsv3::moe_experts` (the compiler sees declared output shapes, not a launch).
+- Tile sizes of the expert kernels are autotuned per shape and pair count among a few configurations chosen for
+  Hopper bandwidth (a few hundred programs, 16-byte loads); the first call of each shape benchmarks them, so warm
+  up before capturing a graph. Under the Triton interpreter the first configuration runs.
+- `route_reference` and `experts_reference` state the same computations in plain PyTorch (argmax rounds, gathered
+  weights); the tests hold them against the model's Gate and Experts, and the kernels against them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the model keeps its general path
+    triton = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """The routing rule of a config, in the plain values the kernel and the custom op take."""
+
+    top_k: int
+    n_group: int  # 1: no group limit
+    topk_group: int
+    group_top2: bool  # a group scores the sum of its top two choices (noaux_tc), else its max
+    softmax: bool  # softmax scores, else sigmoid
+    norm: bool  # normalise the k weights to sum to one (before scaling)
+    scale: float  # routed_scaling_factor
+
+    @classmethod
+    def from_config(cls, cfg) -> "RouteSpec":
+        groups = 1 if cfg.topk_method == "greedy" else (cfg.n_group or 1)
+        return cls(cfg.num_experts_per_tok, groups, cfg.topk_group or 1, cfg.topk_method == "noaux_tc",
+                   cfg.scoring_func == "softmax", cfg.norm_topk_prob, float(cfg.routed_scaling_factor))
+
+
+def fits(tokens: int, top_k: int, n_experts: int) -> bool:
+    """Whether `tokens` tokens are few enough for the fused experts: at most one (token, expert) pair per expert."""
+    return 0 < tokens * top_k <= n_experts
+
+
+def triton_available(device: torch.device) -> bool:
+    return triton is not None and device.type == "cuda"
+
+
+# ---- references --------------------------------------------------------------------------------------------------
+def _argmax_rounds(x: torch.Tensor, n: int) -> torch.Tensor:
+    # x: [T, N] -> [T, n]: the n largest, best first; torch.argmax takes the first of equal maxima
+    x = x.clone()
+    picks = []
+    for _ in range(n):
+        i = x.argmax(dim=-1, keepdim=True)
+        picks.append(i)
+        x.scatter_(1, i, float("-inf"))
+    return torch.cat(picks, dim=1)
+
+
+def route_reference(logits: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # logits: [T, E] fp32 -> weights [T, K] fp32, indices [T, K] int64, scores [T, E] fp32, tokens per expert [E] int64
+    t, e = logits.shape
+    scores = logits.softmax(dim=-1) if spec.softmax else logits.sigmoid()
+    choice = scores if bias is None else scores + bias.float()
+    if spec.n_group > 1:
+        grouped = choice.view(t, spec.n_group, -1)  # [T, G, E/G]
+        best, first = grouped.max(dim=-1, keepdim=True)
+        if spec.group_top2:
+            # The best once more after knocking out the first copy of it: equal to it when it occurs twice.
+            best = best + grouped.scatter(-1, first, float("-inf")).amax(dim=-1, keepdim=True)
+        keep = torch.zeros(t, spec.n_group, 1, dtype=torch.bool, device=logits.device)
+        keep[torch.arange(t, device=logits.device)[:, None], _argmax_rounds(best[..., 0], spec.topk_group)] = True
+        choice = grouped.masked_fill(~keep, float("-inf")).view(t, e)
+    indices = _argmax_rounds(choice, spec.top_k)
+    weights = scores.gather(1, indices)
+    if spec.norm:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    counts = torch.zeros(e, dtype=torch.int64, device=logits.device).scatter_add_(
+        0, indices.flatten(), torch.ones_like(indices.flatten()))
+    return weights * spec.scale, indices, scores, counts
+
+
+def experts_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+                      indices: torch.Tensor) -> torch.Tensor:
+    # x: [T, D], gate_up_proj: [E, 2I, D], down_proj: [E, D, I], weights, indices: [T, K] -> [T, D] in x.dtype
+    t, k = indices.shape
+    chosen = indices.flatten()  # [T*K]: pair p is token p // K
+    xs = x.float().repeat_interleave(k, dim=0)  # [T*K, D]
+    gate, up = torch.einsum("pd,pjd->pj", xs, gate_up_proj[chosen].float()).chunk(2, dim=-1)
+    h = (F.silu(gate) * up).to(x.dtype)  # the kernels hand h from gate/up to down in the activation dtype
+    ys = torch.einsum("pi,pdi->pd", h.float(), down_proj[chosen].float())  # [T*K, D]
+    return (ys.view(t, k, -1) * weights.float().unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+
+# ---- launchers ---------------------------------------------------------------------------------------------------
+def _fixed_meta(configs) -> dict:
+    # The interpreter cannot time configurations: launch with the first.
+    return {**configs[0].kwargs, "num_warps": configs[0].num_warps} if _INTERPRET else {}
+
+
+def route_triton(logits: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if triton is None:
+        raise RuntimeError("the fused routing kernel needs the triton package")
+    logits = logits.float().contiguous()  # no-ops on what the gate's F.linear hands over
+    t, e = logits.shape
+    weights = logits.new_empty(t, spec.top_k)
+    indices = logits.new_empty(t, spec.top_k, dtype=torch.int64)
+    scores = torch.empty_like(logits)
+    counts = logits.new_empty(e, dtype=torch.int64)
+    per_group = e // spec.n_group
+    block_g, block_pg = triton.next_power_of_2(spec.n_group), triton.next_power_of_2(per_group)
+    # Tokens per loop step: a [BLOCK_T, BLOCK_G, BLOCK_PG] tile of at most 4096 scores.
+    block_t = min(triton.next_power_of_2(max(t, 1)), max(1, 4096 // (block_g * block_pg)))
+    tile = block_t * block_g * block_pg
+    _route_kernel[(1,)](
+        logits, bias.float() if bias is not None else logits, weights, indices, scores, counts, t, spec.scale,
+        E=e, G=spec.n_group, PG=per_group, K=spec.top_k, TOPK_GROUP=spec.topk_group, HAS_BIAS=bias is not None,
+        SOFTMAX=spec.softmax, GROUP_TOP2=spec.group_top2, NORM=spec.norm, BLOCK_T=block_t, BLOCK_G=block_g,
+        BLOCK_PG=block_pg, BLOCK_K=triton.next_power_of_2(spec.top_k),
+        # A small tile reduces inside one warp (shuffles only, no shared-memory round trips).
+        num_warps=1 if tile <= 256 else 4 if tile <= 2048 else 8,
+    )
+    return weights, indices, scores, counts
+
+
+def experts_triton(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+                   indices: torch.Tensor) -> torch.Tensor:
+    if triton is None:
+        raise RuntimeError("the fused expert kernels need the triton package")
+    t, d = x.shape
+    k = indices.shape[1]
+    inter = down_proj.shape[-1]
+    if not (gate_up_proj.is_contiguous() and down_proj.is_contiguous() and indices.is_contiguous()
+            and weights.is_contiguous() and x.stride(-1) == 1):
+        raise ValueError("experts_triton wants contiguous expert weights, indices and weights, and x rows")
+    h = x.new_empty(t * k, inter)  # [T*K, I]: pair p = token p // K, its (p % K)-th expert
+    _gate_up_kernel[lambda meta: (t * k, triton.cdiv(inter, meta["BLOCK_I"]))](
+        x, gate_up_proj, indices, h, x.stride(0), d, inter, t * k, K=k, **_fixed_meta(_GATE_UP_CONFIGS))
+    part = x.new_empty(t * k, d, dtype=torch.float32)  # [T*K, D]: each pair's output times its weight
+    _down_kernel[lambda meta: (t * k, triton.cdiv(d, meta["BLOCK_D"]))](
+        h, down_proj, indices, weights, part, d, inter, t * k, **_fixed_meta(_DOWN_CONFIGS))
+    return part.view(t, k, d).sum(dim=1).to(x.dtype)
+
+
+# ---- custom ops: what torch.compile sees (see the module docstring) ----------------------------------------------
+@torch.library.custom_op("dsv3::moe_route", mutates_args=())
+def _route_op(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
+              group_top2: bool, softmax: bool, norm: bool, scale: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return route_triton(logits, bias, RouteSpec(top_k, n_group, topk_group, group_top2, softmax, norm, scale))
+
+
+@_route_op.register_fake
+def _(logits, bias, top_k, n_group, topk_group, group_top2, softmax, norm, scale):
+    t, e = logits.shape
+    return (logits.new_empty(t, top_k), logits.new_empty(t, top_k, dtype=torch.int64), torch.empty_like(logits),
+            logits.new_empty(e, dtype=torch.int64))
+
+
+@torch.library.custom_op("dsv3::moe_experts", mutates_args=())
+def _experts_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+                indices: torch.Tensor) -> torch.Tensor:
+    return experts_triton(x, gate_up_proj, down_proj, weights, indices)
+
+
+@_experts_op.register_fake
+def _(x, gate_up_proj, down_proj, weights, indices):
+    return x.new_empty(x.shape)  # [T, D], contiguous
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused routing kernel: logits [T, E] fp32 -> (weights [T, K] fp32, indices [T, K] int64, scores [T, E],
+    tokens per expert [E] int64), as `Gate.forward` and `Experts.forward` would give them."""
+    if torch.compiler.is_compiling():
+        return torch.ops.dsv3.moe_route(logits, bias, spec.top_k, spec.n_group, spec.topk_group, spec.group_top2,
+                                        spec.softmax, spec.norm, spec.scale)
+    return route_triton(logits, bias, spec)
+
+
+def experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+            indices: torch.Tensor) -> torch.Tensor:
+    """The fused expert kernels: x [T, D] through the chosen experts, weighted and summed -> [T, D] in x.dtype."""
+    if torch.compiler.is_compiling():
+        return torch.ops.dsv3.moe_experts(x, gate_up_proj, down_proj, weights, indices)
+    return experts_triton(x, gate_up_proj, down_proj, weights, indices)
+
+
+# ---- kernels -----------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _route_kernel(LOGITS, BIAS, WEIGHTS, INDICES, SCORES, COUNTS, T, scale,
+                      E: tl.constexpr, G: tl.constexpr, PG: tl.constexpr, K: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SOFTMAX: tl.constexpr, GROUP_TOP2: tl.constexpr, NORM: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Experts sit in a [BLOCK_G, BLOCK_PG] grid (expert = group * PG + j), padded to powers of two.
+        grp = tl.arange(0, BLOCK_G)[None, :, None]
+        j = tl.arange(0, BLOCK_PG)[None, None, :]
+        emask = (grp < G) & (j < PG)  # [1, BLOCK_G, BLOCK_PG]
+        expert = tl.where(emask, grp * PG + j, -1)  # padding never matches a chosen index
+        if HAS_BIAS:
+            bias = tl.load(BIAS + expert, mask=emask, other=0.0)
+        kk = tl.arange(0, BLOCK_K)[None, :]
+        counts = tl.zeros([BLOCK_G, BLOCK_PG], dtype=tl.int32)
+        for t0 in range(0, T, BLOCK_T):
+            tok = t0 + tl.arange(0, BLOCK_T)
+            tmask = tok < T
+            tok3 = tok[:, None, None]
+            tmask3 = tmask[:, None, None]
+            # Padded tokens read 0 (finite, so no NaN below); padded experts are -inf, i.e. score 0 and never chosen.
+            logit = tl.load(LOGITS + tok3 * E + expert, mask=tmask3 & emask, other=0.0)
+            logit = tl.where(emask, logit, float("-inf"))  # [BLOCK_T, BLOCK_G, BLOCK_PG]
+            if SOFTMAX:
+                top = tl.max(tl.max(logit, axis=2), axis=1)
+                p = tl.exp(logit - top[:, None, None])
+                scores = p / tl.sum(tl.sum(p, axis=2), axis=1)[:, None, None]
+            else:
+                scores = tl.where(emask, tl.sigmoid(logit), 0.0)
+            tl.store(SCORES + tok3 * E + expert, scores, mask=tmask3 & emask)
+            choice = scores
+            if HAS_BIAS:
+                choice = scores + bias
+            choice = tl.where(emask, choice, float("-inf"))
+
+            if G > 1:
+                best = tl.max(choice, axis=2)  # [BLOCK_T, BLOCK_G]
+                if GROUP_TOP2:
+                    # Knock out the first copy of the best: the second best equals it when it occurs twice.
+                    first = tl.min(tl.where(choice == best[:, :, None], j, BLOCK_PG), axis=2)
+                    best = best + tl.max(tl.where(j == first[:, :, None], float("-inf"), choice), axis=2)
+                gidx = tl.arange(0, BLOCK_G)[None, :]
+                gscore = tl.where(gidx < G, best, float("-inf"))
+                keep = tl.zeros([BLOCK_T, BLOCK_G], dtype=tl.int1)
+                for _ in tl.static_range(TOPK_GROUP):
+                    top = tl.max(gscore, axis=1)
+                    pick = tl.min(tl.where(gscore == top[:, None], gidx, BLOCK_G), axis=1)
+                    hit = gidx == pick[:, None]
+                    keep = keep | hit
+                    gscore = tl.where(hit, float("-inf"), gscore)
+                choice = tl.where(keep[:, :, None], choice, float("-inf"))
+
+            w_tile = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+            i_tile = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+            for k in tl.static_range(K):
+                top = tl.max(tl.max(choice, axis=2), axis=1)  # [BLOCK_T]
+                pick = tl.min(tl.min(tl.where(choice == top[:, None, None], expert, E), axis=2), axis=1)
+                hit = expert == pick[:, None, None]
+                w = tl.sum(tl.sum(tl.where(hit, scores, 0.0), axis=2), axis=1)
+                choice = tl.where(hit, float("-inf"), choice)
+                counts += tl.sum((hit & tmask3).to(tl.int32), axis=0)
+                w_tile = tl.where(kk == k, w[:, None], w_tile)
+                i_tile = tl.where(kk == k, pick[:, None], i_tile)
+            if NORM:
+                w_tile = w_tile / (tl.sum(w_tile, axis=1)[:, None] + 1e-20)
+            out = tok[:, None] * K + kk
+            omask = tmask[:, None] & (kk < K)
+            tl.store(WEIGHTS + out, w_tile * scale, mask=omask)
+            tl.store(INDICES + out, i_tile.to(tl.int64), mask=omask)
+        grp2 = tl.arange(0, BLOCK_G)[:, None]
+        j2 = tl.arange(0, BLOCK_PG)[None, :]
+        tl.store(COUNTS + grp2 * PG + j2, counts.to(tl.int64), mask=(grp2 < G) & (j2 < PG))
+
+    @triton.jit
+    def _gate_up_kernel(X, W, IDX, H, stride_x, D, I, n_pairs, K: tl.constexpr,
+                        BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Program (pair, tile): rows [tile * BLOCK_I, +BLOCK_I) of the gate and of the up projection of one pair's
+        # expert. Pairs vary fastest, so the programs reading one tile of a shared expert run together.
+        pair = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        rmask = rows < I
+        expert = tl.load(IDX + pair).to(tl.int64)
+        x_row = X + (pair // K) * stride_x
+        w_gate = W + expert * 2 * I * D + rows[:, None] * D  # [BLOCK_I, 1] row starts, gate rows
+        w_up = w_gate + I * D  # the up rows follow the I gate rows
+        acc_g = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            cmask = cols < D
+            x = tl.load(x_row + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            m = rmask[:, None] & cmask[None, :]
+            acc_g += tl.load(w_gate + cols[None, :], mask=m, other=0.0).to(tl.float32) * x
+            acc_u += tl.load(w_up + cols[None, :], mask=m, other=0.0).to(tl.float32) * x
+        gate = tl.sum(acc_g, axis=1)
+        up = tl.sum(acc_u, axis=1)
+        h = gate * tl.sigmoid(gate) * up  # silu(gate) * up
+        tl.store(H + pair * I + rows, h.to(H.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def _down_kernel(H, W, IDX, WTS, Y, D, I, n_pairs, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
+        # Program (pair, tile): outputs [tile * BLOCK_D, +BLOCK_D) of one token-expert pair times its routing weight,
+        # in fp32; the launcher sums each token's K pairs. A program per pair rather than per token: at T = 1 the
+        # 16b shapes give K times more programs, which a GEMV needs to keep enough loads in flight.
+        pair = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        rmask = rows < D
+        expert = tl.load(IDX + pair).to(tl.int64)
+        w_rows = W + expert * D * I + rows[:, None] * I  # [BLOCK_D, 1] row starts
+        acc = tl.zeros([BLOCK_D, BLOCK_I], dtype=tl.float32)
+        for i0 in range(0, I, BLOCK_I):
+            cols = i0 + tl.arange(0, BLOCK_I)
+            cmask = cols < I
+            h = tl.load(H + pair * I + cols, mask=cmask, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+            acc += w.to(tl.float32) * h[None, :]
+        tl.store(Y + pair * D + rows, tl.sum(acc, axis=1) * tl.load(WTS + pair), mask=rmask)
+
+    # Guesses for Hopper bandwidth (H200, 132 SMs), untuned on hardware: a weight tile of 4-8K elements per loop
+    # step (8 bf16 per 16-byte load and thread), a few hundred programs at T = 1 for the 16b shapes (D 2048, I 1408).
+    _GATE_UP_CONFIGS = [
+        triton.Config({"BLOCK_I": 16, "BLOCK_D": 256}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_I": 8, "BLOCK_D": 512}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_I": 32, "BLOCK_D": 256}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_I": 16, "BLOCK_D": 512}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_I": 32, "BLOCK_D": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_I": 4, "BLOCK_D": 1024}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_I": 8, "BLOCK_D": 256}, num_warps=2, num_stages=4),
+    ]
+    _DOWN_CONFIGS = [
+        triton.Config({"BLOCK_D": 16, "BLOCK_I": 256}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_D": 8, "BLOCK_I": 512}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_D": 8, "BLOCK_I": 256}, num_warps=2, num_stages=4),
+        triton.Config({"BLOCK_D": 32, "BLOCK_I": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_D": 16, "BLOCK_I": 512}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_D": 4, "BLOCK_I": 512}, num_warps=2, num_stages=3),
+    ]
+    if not _INTERPRET:  # the interpreter cannot time configurations
+        _gate_up_kernel = triton.autotune(_GATE_UP_CONFIGS, key=["D", "I", "n_pairs"])(_gate_up_kernel)
+        _down_kernel = triton.autotune(_DOWN_CONFIGS, key=["D", "I", "n_pairs"])(_down_kernel)

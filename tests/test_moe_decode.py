@@ -1,0 +1,211 @@
+"""The MoE decode kernels (`ops.moe_decode`): their PyTorch references against the model's Gate and Experts, the
+Triton kernels against the references on the CPU through Triton's interpreter, and on a GPU the model's fused MoE
+path against its grouped-GEMM path (eagerly, in a CUDA graph and compiled).
+
+Triton chooses between interpreter and compiler when a kernel is defined, so `test_under_the_triton_interpreter`
+reruns this file's kernel tests in a subprocess with TRITON_INTERPRET=1. Gate logits are drawn at unit scale so that
+no two scores tie (sigmoid saturates to exactly 1.0 in fp32 past ~17): tie-breaking is then not under test.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.model import Experts, Gate, MoE, Routing
+from dsv3.ops import moe_decode
+from dsv3.ops.moe_decode import RouteSpec, experts_reference, route_reference
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_under_the_triton_interpreter's subprocess")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Overrides of the tiny preset (16 experts in 4 groups, keep 2, top-4, noaux_tc, normalised, scale 2.5).
+ROUTINGS = {
+    "noaux_tc 4 groups": {},
+    "noaux_tc no groups": dict(n_group=1, topk_group=1),
+    # groups and k that are not powers of two: padded tiles in the kernel
+    "noaux_tc 3 groups of 8, top-6, unnormalised": dict(n_routed_experts=24, n_group=3, topk_group=2,
+                                                         num_experts_per_tok=6, norm_topk_prob=False),
+    "noaux_tc 4 groups of 6, keep 3, top-5": dict(n_routed_experts=24, n_group=4, topk_group=3, num_experts_per_tok=5),
+    "group_limited_greedy softmax": dict(topk_method="group_limited_greedy", scoring_func="softmax",
+                                         norm_topk_prob=False, routed_scaling_factor=1.0),
+    "greedy softmax": dict(topk_method="greedy", scoring_func="softmax", num_experts_per_tok=3),
+}
+
+
+def _gate(name: str, seed: int = 0) -> Gate:
+    cfg = dsv3.ModelConfig.preset("tiny", **ROUTINGS[name])
+    gen = torch.Generator().manual_seed(seed)
+    gate = Gate(cfg)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=gen) / cfg.hidden_size ** 0.5)
+        if gate.e_score_correction_bias is not None:
+            # Mostly negative: a dropped group filled with 0 instead of -inf would win against these choices.
+            gate.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts, generator=gen) * 0.5 - 1.0)
+    return gate
+
+
+def _route_inputs(name: str, t: int, seed: int = 0) -> tuple[Gate, torch.Tensor]:
+    gate = _gate(name, seed)
+    x = torch.randn(t, gate.cfg.hidden_size, generator=torch.Generator().manual_seed(seed + 1))
+    return gate, x
+
+
+@pytest.mark.parametrize("t", [1, 3, 8])
+@pytest.mark.parametrize("name", list(ROUTINGS))
+def test_route_reference_matches_gate(name, t):
+    gate, x = _route_inputs(name, t)
+    expected = gate(x)
+    weights, indices, scores, counts = route_reference(gate.logits(x), gate.e_score_correction_bias,
+                                                       RouteSpec.from_config(gate.cfg))
+    assert torch.equal(indices, expected.indices)
+    torch.testing.assert_close(weights, expected.weights)
+    torch.testing.assert_close(scores, expected.scores)
+    assert torch.equal(counts, torch.bincount(expected.indices.flatten(), minlength=gate.cfg.n_routed_experts))
+
+
+def _experts_inputs(t: int, e: int, d: int, inter: int, k: int, dtype=torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = (torch.randn(e, 2 * inter, d, generator=gen) * 0.1).to(dtype)
+    down = (torch.randn(e, d, inter, generator=gen) * 0.1).to(dtype)
+    x = torch.randn(t, d, generator=gen).to(dtype)
+    indices = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    if t > 1:  # tokens 0 and 1 share two experts
+        shared = indices[0, :2].tolist()
+        rest = [i for i in torch.randperm(e, generator=gen).tolist() if i not in shared]
+        indices[1] = torch.tensor(rest[:1] + shared[::-1] + rest[1:k - 2])
+    weights = torch.rand(t, k, generator=gen)
+    return x, gate_up, down, weights, indices
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_experts_reference_matches_experts(t):
+    x, gate_up, down, weights, indices = _experts_inputs(t, e=16, d=96, inter=80, k=4)
+    experts = Experts(16, 96, 80)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(gate_up)
+        experts.down_proj.copy_(down)
+        expected, _ = experts(x, Routing(weights, indices, torch.zeros(t, 16)))
+    torch.testing.assert_close(experts_reference(x, gate_up, down, weights, indices), expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- the Triton kernels, under the interpreter ---------------------------------------------------------------------
+@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
+@pytest.mark.skipif(moe_decode.triton is None, reason="needs the triton package (its interpreter runs the kernels)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead")
+def test_under_the_triton_interpreter():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "kernel", __file__],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout and " skipped" not in run.stdout, run.stdout
+
+
+@interpreted
+@pytest.mark.parametrize("t", [1, 5, 300])  # 300: more tokens than one block of the kernel's token loop
+@pytest.mark.parametrize("name", list(ROUTINGS))
+def test_route_kernel(name, t):
+    gate, x = _route_inputs(name, t, seed=t)
+    args = (gate.logits(x), gate.e_score_correction_bias, RouteSpec.from_config(gate.cfg))
+    got, want = moe_decode.route_triton(*args), route_reference(*args)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])  # indices, counts
+    torch.testing.assert_close(got[0], want[0])  # weights
+    torch.testing.assert_close(got[2], want[2])  # scores
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d,inter", [(96, 80), (200, 144)])  # neither a multiple of the tiles
+@pytest.mark.parametrize("t", [1, 5])
+def test_experts_kernel(t, d, inter, dtype):
+    args = _experts_inputs(t, e=16, d=d, inter=inter, k=4, dtype=dtype, seed=t)
+    got, want = moe_decode.experts_triton(*args), experts_reference(*args)
+    assert got.dtype == dtype and got.shape == (t, d)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # h is rounded to bf16 between the kernels: a rounding flip there moves the output by a few ulps
+        torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=2e-2)
+
+
+@interpreted
+@torch.no_grad()
+def test_kernel_custom_ops_compile():
+    # torch.compile sees the custom ops (shapes from their fake kernels) and runs the kernels behind them.
+    gate, x = _route_inputs("noaux_tc 4 groups", 5)
+    spec = RouteSpec.from_config(gate.cfg)
+    logits, bias = gate.logits(x), gate.e_score_correction_bias
+    _, gate_up, down, _, _ = _experts_inputs(5, e=16, d=gate.cfg.hidden_size, inter=48, k=4)
+
+    def layer(x, logits):
+        weights, indices, scores, counts = moe_decode.route(logits, bias, spec)
+        return moe_decode.experts(x, gate_up, down, weights, indices), counts
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y, counts = compiled(x, logits)
+    weights, indices, _, expected_counts = route_reference(logits, bias, spec)
+    torch.testing.assert_close(y, experts_reference(x, gate_up, down, weights, indices), atol=1e-5, rtol=1e-5)
+    assert torch.equal(counts, expected_counts)
+
+
+# ---- the model's MoE on the GPU ----------------------------------------------------------------------------------
+def _gpu_moe(cfg: dsv3.ModelConfig) -> MoE:
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        moe = MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, cfg.hidden_size ** -0.5 if p is moe.gate.weight else 0.02)
+        moe.gate.e_score_correction_bias.normal_(0, 0.1)
+    moe.to(torch.bfloat16)
+    moe.gate.float()  # as cast_model keeps it
+    return moe
+
+
+@gpu
+def test_gpu_fused_moe_matches_grouped_path():
+    cfg = dsv3.ModelConfig.preset("16b")
+    moe = _gpu_moe(cfg)
+    moe.keep_routing = True
+    for t in (1, 2, 4, 8, 11):  # 11 * 6 > 64 experts: the grouped path
+        x = torch.randn(t, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert moe.decode_path(x) == (t <= 10)
+            y, routing, load = moe(x), moe.routing, moe.load
+            expected = moe.gate(x)
+            y_ref, load_ref = moe.experts(x, expected)
+            y_ref = y_ref + moe.shared_experts(x)
+        assert torch.equal(routing.indices, expected.indices)
+        torch.testing.assert_close(routing.weights, expected.weights)
+        assert torch.equal(load, load_ref)
+        torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2 * y_ref.abs().max().item(), rtol=2e-2)
+
+
+@gpu
+def test_gpu_fused_moe_in_a_cuda_graph_and_compiled():
+    cfg = dsv3.ModelConfig.preset("16b")
+    moe = _gpu_moe(cfg).eval()
+    static = torch.randn(4, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    fresh = torch.randn(4, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = moe(fresh)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture: autotuning times configurations
+            moe(static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = moe(static)
+        static.copy_(fresh)
+        graph.replay()
+        torch.testing.assert_close(out, expected)
+        compiled = torch.compile(moe, fullgraph=True, dynamic=False)
+        # Inductor fuses the shared experts' bf16 math differently: equal up to bf16 rounding (0.006 of ~0.6 seen
+        # on the H200), not bit for bit like the graph replay above.
+        torch.testing.assert_close(compiled(fresh).float(), expected.float(),
+                                   atol=2e-2 * expected.abs().max().item(), rtol=2e-2)
