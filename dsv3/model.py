@@ -11,9 +11,11 @@ Notable features:
   back from `forward(..., mtp=True)` for training and drafting.
 - Each MoE layer records the tokens routed to each expert in its last forward (`mlp.load`), which the trainer uses
   for the auxiliary-loss-free bias update and MaxVio.
+- On CUDA the gate's expert choice (group scores and mask, the top-k's, tokens per expert) is one Triton launch
+  (`ops.moe_decode.select`) on the scores autograd computed: the same experts, weights and gradients as in PyTorch.
 - At decode batch sizes (inference, CUDA, T * K <= E) a MoE layer runs fused Triton kernels instead (`ops.moe_decode`:
-  one routing launch, two expert GEMVs over the chosen experts' weights): the same routing and load, the same output
-  up to rounding.
+  one routing launch, two expert GEMVs over the chosen experts' and the shared experts' weights): the same routing
+  and load, the same output up to rounding.
 - No process-group state: distribution wraps the model from outside.
 """
 
@@ -177,6 +179,7 @@ class Routing:
     weights: torch.Tensor  # [N, K] gate weights of the chosen experts (fp32)
     indices: torch.Tensor  # [N, K] chosen expert ids
     scores: torch.Tensor  # [N, E] unbiased affinities (sigmoid or softmax), for balance losses
+    counts: torch.Tensor | None = None  # [E] tokens per expert, when the routing kernel counted them
 
 
 class Gate(nn.Module):
@@ -191,6 +194,10 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
         else:
             self.e_score_correction_bias = None
+        self.spec = moe_decode.RouteSpec.from_config(cfg)
+        # Whether the routing kernel (`moe_decode.select`) makes the choice: None on CUDA with Triton; True or False
+        # forces it (the tests under Triton's interpreter, A/B runs).
+        self.fused: bool | None = None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, D] -> [N, E] fp32
@@ -202,6 +209,21 @@ class Gate(nn.Module):
         cfg = self.cfg
         logits = self.logits(x)
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        fused = moe_decode.triton_available(x.device) if self.fused is None else self.fused
+        if fused:
+            # One kernel for the choice below and the tokens per expert, made on these very scores (so the same
+            # experts); the weights are gathered here, in autograd, so gradients are the plain path's.
+            indices, counts = moe_decode.select(scores.detach(), self.e_score_correction_bias, self.spec)
+        else:
+            indices, counts = self.choose(scores), None
+        weights = scores.gather(1, indices)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(weights * cfg.routed_scaling_factor, indices, scores, counts)
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        # scores: [N, E] -> indices [N, K] of the chosen experts, in PyTorch
+        cfg = self.cfg
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
         groups = cfg.n_group or 1
         if groups > 1 and cfg.topk_method != "greedy":
@@ -214,11 +236,7 @@ class Gate(nn.Module):
             dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
             # -inf, not 0: a zero-masked group can still win against negative biased scores.
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return Routing(weights * cfg.routed_scaling_factor, indices, scores)
+        return choice.topk(cfg.num_experts_per_tok, dim=-1).indices
 
 
 class Experts(nn.Module):
@@ -236,7 +254,8 @@ class Experts(nn.Module):
         flat = routing.indices.flatten()  # [N*K]
         order = flat.argsort(stable=True)
         # scatter_add rather than bincount: a static output shape keeps torch.compile graphs whole.
-        counts = flat.new_zeros(n_exp).scatter_add_(0, flat, torch.ones_like(flat))
+        counts = (routing.counts if routing.counts is not None
+                  else flat.new_zeros(n_exp).scatter_add_(0, flat, torch.ones_like(flat)))
         offs = counts.cumsum(0).to(torch.int32)
         token = order // k
         xs = x[token]  # [N*K, D], rows grouped by expert
@@ -260,14 +279,21 @@ class MoE(nn.Module):
         self.keep_routing = False
         self.route_spec = moe_decode.RouteSpec.from_config(cfg)
 
+    def shared_weights(self) -> moe_decode.SharedWeights | None:
+        """The shared experts' gate, up and down weights, as the fused kernels read them."""
+        s = self.shared_experts
+        return None if s is None else (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+
     def decode_path(self, x: torch.Tensor) -> bool:
         """Whether x [N, D] takes the fused decode kernels: inference (no grad) on CUDA with Triton, bf16/fp16
-        activations and experts of the same dtype (plain Experts: a subclass such as FP8's keeps its own forward),
-        no autocast, and few enough tokens (`moe_decode.fits`)."""
-        w = self.experts.gate_up_proj
+        activations and experts (routed and shared) of the same dtype (plain Experts and nn.Linear: a subclass such
+        as FP8's keeps its own forward), no autocast, and few enough tokens (`moe_decode.fits`)."""
+        w, s = self.experts.gate_up_proj, self.shared_experts
         return (not torch.is_grad_enabled() and type(self.experts) is Experts
                 and moe_decode.triton_available(x.device) and x.dtype in (torch.bfloat16, torch.float16)
                 and w.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)
+                and (s is None or type(s) is MLP and all(type(lin) is nn.Linear and lin.weight.dtype == x.dtype
+                                                         for lin in (s.gate_proj, s.up_proj, s.down_proj)))
                 and moe_decode.fits(x.shape[0], self.route_spec.top_k, w.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,13 +303,15 @@ class MoE(nn.Module):
             weights, indices, scores, self.load = moe_decode.route(self.gate.logits(flat),
                                                                    self.gate.e_score_correction_bias, self.route_spec)
             routing = Routing(weights, indices, scores)
-            y = moe_decode.experts(flat, self.experts.gate_up_proj, self.experts.down_proj, weights, indices)
+            # The shared experts are always-on experts: the same kernels run them, as pairs of weight 1.
+            y = moe_decode.experts(flat, self.experts.gate_up_proj, self.experts.down_proj, weights, indices,
+                                   self.shared_weights())
         else:
             routing = self.gate(flat)
             y, self.load = self.experts(flat, routing)
+            if self.shared_experts is not None:
+                y = y + self.shared_experts(flat)
         self.routing = routing if self.keep_routing else None
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
         return y.view(shape)
 
 

@@ -1,29 +1,42 @@
 """The MoE layer at decode batch sizes: fused routing and fused small-batch experts (Triton), each beside its plain
-PyTorch reference.
+PyTorch reference. The routing kernel also makes the expert choice of training batches (`select`).
 
 A decode step hands each MoE layer a handful of tokens. The general path (`Gate.forward`, then `Experts.forward`'s
 sort and grouped GEMM) then costs ~15 small routing kernels and two CUTLASS grouped GEMMs running well below HBM
-bandwidth. Here the layer is three launches after the gate's fp32 GEMV:
+bandwidth, and the shared experts' MLP a few more launches. Here the layer is three launches and a sum after the
+gate's fp32 GEMV:
 
-- `route`: one program takes the fp32 gate logits [T, E] through all of `Gate.forward`: sigmoid or softmax scores,
-  the correction bias (for choosing only), group scores (sum of the top two for noaux_tc, the max for
-  group_limited_greedy), the `topk_group` best groups, the top-k experts inside them, their weights (normalised,
-  scaled) and the tokens per expert. Each top-k is k rounds of argmax, ties going to the lower index; the counts
-  are summed in registers (no atomics, no zeroed buffer). One program loops over blocks of tokens.
+- `route`: the fp32 gate logits [T, E] through all of `Gate.forward`: sigmoid or softmax scores, the correction
+  bias (for choosing only), group scores (sum of the top two for noaux_tc, the max for group_limited_greedy), the
+  `topk_group` best groups, the top-k experts inside them, their weights (normalised, scaled) and the tokens per
+  expert. Each top-k is k rounds of argmax, ties going to the lower index. A program per block of tokens (a tile of
+  at most 4096 scores): decode batches are one program, which stores its counts (no atomics, no zeroed buffer);
+  more programs add theirs into a zeroed buffer with integer atomics, whose sum does not depend on their order.
+- `select`, the same kernel for training batches (and prefill): from scores the caller computed (with autograd),
+  only the choice, i.e. indices and counts. `Gate.forward` then gathers the weights in PyTorch, so gradients are
+  those of the plain path, and the choice is made on the very same fp32 scores, so it is the plain path's too
+  (up to exact ties, which go to the lower index here). It replaces three torch.topk calls, the group mask and
+  `Experts.forward`'s scatter_add counts with one launch, and writes no scores or weights.
 - `experts`: two GEMV kernels that read only the chosen experts' weights, along their contiguous reduction dim.
   gate/up: a program per (token-expert pair, tile of I) computes silu(x . Wg[i]) * (x . Wu[i]); down: a program per
-  (pair, tile of D) writes its output times the routing weight in fp32, and one small sum over each token's K pairs
-  follows (no atomics: the result does not depend on scheduling). Programs of the same weight tile for different pairs are adjacent in launch order, so
-  tokens that share an expert mostly read it from L2.
+  (pair, tile of D) writes its output times the routing weight in fp32, and one small sum over each token's pairs
+  follows (no atomics: the result does not depend on scheduling). Programs of the same weight tile for different
+  pairs are adjacent in launch order, so tokens that share an expert mostly read it from L2.
+- The shared experts ride along: DeepSeek's shared experts are always-on experts of width I, so the shared MLP
+  (n_shared * I wide) becomes n_shared more pairs per token at weight 1, read in place from its nn.Linear weights
+  (a second set of pointers; the pair's slot picks the source). Every pair is then the same work, the T = 1 grid
+  grows from K to K + n_shared pairs, and the layer needs no separate launches for the shared MLP or the add.
 - A GEMV re-reads an expert once per token that chose it, so the fused path pays off while T * K <= E (`fits`);
   above that the grouped GEMM reads each expert once for all its tokens.
 - Graph-safe: shapes are static, nothing syncs with the host. Under torch.compile the kernels are the opaque custom
-  ops `dsv3::moe_route` and `dsv3::moe_experts` (the compiler sees declared output shapes, not a launch).
+  ops `dsv3::moe_route`, `dsv3::moe_select` and `dsv3::moe_experts` (the compiler sees declared output shapes, not
+  a launch).
 - Tile sizes of the expert kernels are autotuned per shape and pair count among a few configurations chosen for
   Hopper bandwidth (a few hundred programs, 16-byte loads); the first call of each shape benchmarks them, so warm
   up before capturing a graph. Under the Triton interpreter the first configuration runs.
-- `route_reference` and `experts_reference` state the same computations in plain PyTorch (argmax rounds, gathered
-  weights); the tests hold them against the model's Gate and Experts, and the kernels against them.
+- `route_reference`, `select_reference` and `experts_reference` state the same computations in plain PyTorch (argmax
+  rounds, gathered weights, the shared MLP as one matmul); the tests hold them against the model's Gate and MoE, and
+  the kernels against them.
 """
 
 from __future__ import annotations
@@ -83,32 +96,44 @@ def _argmax_rounds(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat(picks, dim=1)
 
 
-def route_reference(logits: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # logits: [T, E] fp32 -> weights [T, K] fp32, indices [T, K] int64, scores [T, E] fp32, tokens per expert [E] int64
-    t, e = logits.shape
-    scores = logits.softmax(dim=-1) if spec.softmax else logits.sigmoid()
+def select_reference(scores: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    # scores: [T, E] fp32 -> indices [T, K] int64, tokens per expert [E] int64
+    t, e = scores.shape
     choice = scores if bias is None else scores + bias.float()
     if spec.n_group > 1:
-        grouped = choice.view(t, spec.n_group, -1)  # [T, G, E/G]
+        grouped = choice.view(t, spec.n_group, e // spec.n_group)  # [T, G, E/G]
         best, first = grouped.max(dim=-1, keepdim=True)
         if spec.group_top2:
             # The best once more after knocking out the first copy of it: equal to it when it occurs twice.
             best = best + grouped.scatter(-1, first, float("-inf")).amax(dim=-1, keepdim=True)
-        keep = torch.zeros(t, spec.n_group, 1, dtype=torch.bool, device=logits.device)
-        keep[torch.arange(t, device=logits.device)[:, None], _argmax_rounds(best[..., 0], spec.topk_group)] = True
+        keep = torch.zeros(t, spec.n_group, 1, dtype=torch.bool, device=scores.device)
+        keep[torch.arange(t, device=scores.device)[:, None], _argmax_rounds(best[..., 0], spec.topk_group)] = True
         choice = grouped.masked_fill(~keep, float("-inf")).view(t, e)
     indices = _argmax_rounds(choice, spec.top_k)
+    counts = torch.zeros(e, dtype=torch.int64, device=scores.device).scatter_add_(
+        0, indices.flatten(), torch.ones_like(indices.flatten()))
+    return indices, counts
+
+
+def route_reference(logits: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # logits: [T, E] fp32 -> weights [T, K] fp32, indices [T, K] int64, scores [T, E] fp32, tokens per expert [E] int64
+    scores = logits.softmax(dim=-1) if spec.softmax else logits.sigmoid()
+    indices, counts = select_reference(scores, bias, spec)
     weights = scores.gather(1, indices)
     if spec.norm:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    counts = torch.zeros(e, dtype=torch.int64, device=logits.device).scatter_add_(
-        0, indices.flatten(), torch.ones_like(indices.flatten()))
     return weights * spec.scale, indices, scores, counts
 
 
+# The shared experts' MLP weights, nn.Linear layout: gate_proj [S, D], up_proj [S, D], down_proj [D, S], where
+# S = n_shared * I (n_shared always-on experts side by side).
+SharedWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def experts_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
-                      indices: torch.Tensor) -> torch.Tensor:
+                      indices: torch.Tensor, shared: SharedWeights | None = None) -> torch.Tensor:
     # x: [T, D], gate_up_proj: [E, 2I, D], down_proj: [E, D, I], weights, indices: [T, K] -> [T, D] in x.dtype
     t, k = indices.shape
     chosen = indices.flatten()  # [T*K]: pair p is token p // K
@@ -116,7 +141,12 @@ def experts_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: to
     gate, up = torch.einsum("pd,pjd->pj", xs, gate_up_proj[chosen].float()).chunk(2, dim=-1)
     h = (F.silu(gate) * up).to(x.dtype)  # the kernels hand h from gate/up to down in the activation dtype
     ys = torch.einsum("pi,pdi->pd", h.float(), down_proj[chosen].float())  # [T*K, D]
-    return (ys.view(t, k, -1) * weights.float().unsqueeze(-1)).sum(dim=1).to(x.dtype)
+    y = (ys.view(t, k, -1) * weights.float().unsqueeze(-1)).sum(dim=1)  # [T, D] fp32
+    if shared is not None:  # the shared MLP at weight 1, its h rounded like the routed experts', summed in fp32
+        w_gate, w_up, w_down = (w.float() for w in shared)
+        h = (F.silu(x.float() @ w_gate.T) * (x.float() @ w_up.T)).to(x.dtype)  # [T, S]
+        y = y + h.float() @ w_down.T
+    return y.to(x.dtype)
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------------
@@ -125,49 +155,78 @@ def _fixed_meta(configs) -> dict:
     return {**configs[0].kwargs, "num_warps": configs[0].num_warps} if _INTERPRET else {}
 
 
-def route_triton(logits: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _route_launch(x: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec, select_only: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # x: the logits [T, E], or with select_only the scores; the latter writes only indices and counts.
     if triton is None:
         raise RuntimeError("the fused routing kernel needs the triton package")
-    logits = logits.float().contiguous()  # no-ops on what the gate's F.linear hands over
-    t, e = logits.shape
-    weights = logits.new_empty(t, spec.top_k)
-    indices = logits.new_empty(t, spec.top_k, dtype=torch.int64)
-    scores = torch.empty_like(logits)
-    counts = logits.new_empty(e, dtype=torch.int64)
+    x = x.float().contiguous()  # no-ops on what the gate hands over
+    t, e = x.shape
+    indices = x.new_empty(t, spec.top_k, dtype=torch.int64)
+    # select_only never writes weights or scores: x stands in for their pointers.
+    weights = x if select_only else x.new_empty(t, spec.top_k)
+    scores = x if select_only else torch.empty_like(x)
     per_group = e // spec.n_group
     block_g, block_pg = triton.next_power_of_2(spec.n_group), triton.next_power_of_2(per_group)
-    # Tokens per loop step: a [BLOCK_T, BLOCK_G, BLOCK_PG] tile of at most 4096 scores.
+    # Tokens per program: a [BLOCK_T, BLOCK_G, BLOCK_PG] tile of at most 4096 scores (the small preset's 64 experts:
+    # 64 tokens, 512 programs at 32K tokens; a decode batch: one program).
     block_t = min(triton.next_power_of_2(max(t, 1)), max(1, 4096 // (block_g * block_pg)))
+    programs = triton.cdiv(max(t, 1), block_t)  # T = 0 still runs one program, to store zero counts
+    # One program stores its counts; several add theirs to zeros (a memset: no host sync, fine in a CUDA graph).
+    counts = x.new_zeros(e, dtype=torch.int64) if programs > 1 else x.new_empty(e, dtype=torch.int64)
     tile = block_t * block_g * block_pg
-    _route_kernel[(1,)](
-        logits, bias.float() if bias is not None else logits, weights, indices, scores, counts, t, spec.scale,
+    _route_kernel[(programs,)](
+        x, bias.float() if bias is not None else x, weights, indices, scores, counts, t, spec.scale,
         E=e, G=spec.n_group, PG=per_group, K=spec.top_k, TOPK_GROUP=spec.topk_group, HAS_BIAS=bias is not None,
-        SOFTMAX=spec.softmax, GROUP_TOP2=spec.group_top2, NORM=spec.norm, BLOCK_T=block_t, BLOCK_G=block_g,
-        BLOCK_PG=block_pg, BLOCK_K=triton.next_power_of_2(spec.top_k),
+        SOFTMAX=spec.softmax, GROUP_TOP2=spec.group_top2, NORM=spec.norm, SELECT_ONLY=select_only,
+        ATOMIC_COUNTS=programs > 1, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_PG=block_pg,
+        BLOCK_K=triton.next_power_of_2(spec.top_k),
         # A small tile reduces inside one warp (shuffles only, no shared-memory round trips).
         num_warps=1 if tile <= 256 else 4 if tile <= 2048 else 8,
     )
     return weights, indices, scores, counts
 
 
+def route_triton(logits: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _route_launch(logits, bias, spec, select_only=False)
+
+
+def select_triton(scores: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    _, indices, _, counts = _route_launch(scores, bias, spec, select_only=True)
+    return indices, counts
+
+
 def experts_triton(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
-                   indices: torch.Tensor) -> torch.Tensor:
+                   indices: torch.Tensor, shared: SharedWeights | None = None) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("the fused expert kernels need the triton package")
     t, d = x.shape
     k = indices.shape[1]
     inter = down_proj.shape[-1]
+    # Without shared experts the kernels never take their shared branch: any pointers of the right dtype will do.
+    s_gate, s_up, s_down = shared if shared is not None else (gate_up_proj, gate_up_proj, down_proj)
+    ns = 0 if shared is None else s_down.shape[1] // inter
     if not (gate_up_proj.is_contiguous() and down_proj.is_contiguous() and indices.is_contiguous()
-            and weights.is_contiguous() and x.stride(-1) == 1):
-        raise ValueError("experts_triton wants contiguous expert weights, indices and weights, and x rows")
-    h = x.new_empty(t * k, inter)  # [T*K, I]: pair p = token p // K, its (p % K)-th expert
-    _gate_up_kernel[lambda meta: (t * k, triton.cdiv(inter, meta["BLOCK_I"]))](
-        x, gate_up_proj, indices, h, x.stride(0), d, inter, t * k, K=k, **_fixed_meta(_GATE_UP_CONFIGS))
-    part = x.new_empty(t * k, d, dtype=torch.float32)  # [T*K, D]: each pair's output times its weight
-    _down_kernel[lambda meta: (t * k, triton.cdiv(d, meta["BLOCK_D"]))](
-        h, down_proj, indices, weights, part, d, inter, t * k, **_fixed_meta(_DOWN_CONFIGS))
-    return part.view(t, k, d).sum(dim=1).to(x.dtype)
+            and weights.is_contiguous() and x.stride(-1) == 1
+            and s_gate.is_contiguous() and s_up.is_contiguous() and s_down.is_contiguous()):
+        raise ValueError("experts_triton wants contiguous weights, indices and routing weights, and x rows")
+    if shared is not None and not (ns >= 1 and s_gate.shape == s_up.shape == (ns * inter, d)
+                                   and s_down.shape == (d, ns * inter)
+                                   and s_gate.dtype == s_up.dtype == s_down.dtype == gate_up_proj.dtype):
+        raise ValueError("the shared experts must be n * I wide, laid out as nn.Linear, in the experts' dtype")
+    # Pair p is token p // (K + NS) and its slot p % (K + NS): slots below K are its routed experts (in routing
+    # order), the NS after them the shared MLP's I-wide slices, at weight 1. Every pair is the same amount of work.
+    pairs = t * (k + ns)
+    h = x.new_empty(pairs, inter)  # [T*(K+NS), I]
+    _gate_up_kernel[lambda meta: (pairs, triton.cdiv(inter, meta["BLOCK_I"]))](
+        x, gate_up_proj, s_gate, s_up, indices, h, x.stride(0), d, inter, pairs, K=k, NS=ns,
+        **_fixed_meta(_GATE_UP_CONFIGS))
+    part = x.new_empty(pairs, d, dtype=torch.float32)  # [T*(K+NS), D]: each pair's output times its weight
+    _down_kernel[lambda meta: (pairs, triton.cdiv(d, meta["BLOCK_D"]))](
+        h, down_proj, s_down, indices, weights, part, d, inter, pairs, K=k, NS=ns, **_fixed_meta(_DOWN_CONFIGS))
+    return part.view(t, k + ns, d).sum(dim=1).to(x.dtype)
 
 
 # ---- custom ops: what torch.compile sees (see the module docstring) ----------------------------------------------
@@ -185,14 +244,29 @@ def _(logits, bias, top_k, n_group, topk_group, group_top2, softmax, norm, scale
             logits.new_empty(e, dtype=torch.int64))
 
 
+@torch.library.custom_op("dsv3::moe_select", mutates_args=())
+def _select_op(scores: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
+               group_top2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # Only the choice's fields: scoring, normalisation and scale do not enter it.
+    return select_triton(scores, bias, RouteSpec(top_k, n_group, topk_group, group_top2, False, False, 1.0))
+
+
+@_select_op.register_fake
+def _(scores, bias, top_k, n_group, topk_group, group_top2):
+    t, e = scores.shape
+    return scores.new_empty(t, top_k, dtype=torch.int64), scores.new_empty(e, dtype=torch.int64)
+
+
 @torch.library.custom_op("dsv3::moe_experts", mutates_args=())
 def _experts_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
-                indices: torch.Tensor) -> torch.Tensor:
-    return experts_triton(x, gate_up_proj, down_proj, weights, indices)
+                indices: torch.Tensor, shared_gate: torch.Tensor | None, shared_up: torch.Tensor | None,
+                shared_down: torch.Tensor | None) -> torch.Tensor:
+    shared = None if shared_gate is None else (shared_gate, shared_up, shared_down)
+    return experts_triton(x, gate_up_proj, down_proj, weights, indices, shared)
 
 
 @_experts_op.register_fake
-def _(x, gate_up_proj, down_proj, weights, indices):
+def _(x, gate_up_proj, down_proj, weights, indices, shared_gate, shared_up, shared_down):
     return x.new_empty(x.shape)  # [T, D], contiguous
 
 
@@ -206,101 +280,131 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
     return route_triton(logits, bias, spec)
 
 
-def experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
-            indices: torch.Tensor) -> torch.Tensor:
-    """The fused expert kernels: x [T, D] through the chosen experts, weighted and summed -> [T, D] in x.dtype."""
+def select(scores: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing kernel's choice alone: scores [T, E] fp32 (no gradient flows through) -> (indices [T, K] int64,
+    tokens per expert [E] int64), as `Gate.forward` and `Experts.forward` would give them from these scores."""
     if torch.compiler.is_compiling():
-        return torch.ops.dsv3.moe_experts(x, gate_up_proj, down_proj, weights, indices)
-    return experts_triton(x, gate_up_proj, down_proj, weights, indices)
+        return torch.ops.dsv3.moe_select(scores, bias, spec.top_k, spec.n_group, spec.topk_group, spec.group_top2)
+    return select_triton(scores, bias, spec)
+
+
+def experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+            indices: torch.Tensor, shared: SharedWeights | None = None) -> torch.Tensor:
+    """The fused expert kernels: x [T, D] through the chosen experts, weighted and summed, plus the shared experts'
+    MLP when given -> [T, D] in x.dtype."""
+    if torch.compiler.is_compiling():
+        return torch.ops.dsv3.moe_experts(x, gate_up_proj, down_proj, weights, indices, *(shared or (None,) * 3))
+    return experts_triton(x, gate_up_proj, down_proj, weights, indices, shared)
 
 
 # ---- kernels -----------------------------------------------------------------------------------------------------
 if triton is not None:
 
     @triton.jit
-    def _route_kernel(LOGITS, BIAS, WEIGHTS, INDICES, SCORES, COUNTS, T, scale,
+    def _route_kernel(X, BIAS, WEIGHTS, INDICES, SCORES, COUNTS, T, scale,
                       E: tl.constexpr, G: tl.constexpr, PG: tl.constexpr, K: tl.constexpr, TOPK_GROUP: tl.constexpr,
                       HAS_BIAS: tl.constexpr, SOFTMAX: tl.constexpr, GROUP_TOP2: tl.constexpr, NORM: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr, BLOCK_K: tl.constexpr):
+                      SELECT_ONLY: tl.constexpr, ATOMIC_COUNTS: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program p routes tokens [p * BLOCK_T, +BLOCK_T). X holds their logits, or with SELECT_ONLY the caller's
+        # scores, of which only the choice is written (indices and counts).
         # Experts sit in a [BLOCK_G, BLOCK_PG] grid (expert = group * PG + j), padded to powers of two.
         grp = tl.arange(0, BLOCK_G)[None, :, None]
         j = tl.arange(0, BLOCK_PG)[None, None, :]
         emask = (grp < G) & (j < PG)  # [1, BLOCK_G, BLOCK_PG]
         expert = tl.where(emask, grp * PG + j, -1)  # padding never matches a chosen index
-        if HAS_BIAS:
-            bias = tl.load(BIAS + expert, mask=emask, other=0.0)
         kk = tl.arange(0, BLOCK_K)[None, :]
-        counts = tl.zeros([BLOCK_G, BLOCK_PG], dtype=tl.int32)
-        for t0 in range(0, T, BLOCK_T):
-            tok = t0 + tl.arange(0, BLOCK_T)
-            tmask = tok < T
-            tok3 = tok[:, None, None]
-            tmask3 = tmask[:, None, None]
-            # Padded tokens read 0 (finite, so no NaN below); padded experts are -inf, i.e. score 0 and never chosen.
-            logit = tl.load(LOGITS + tok3 * E + expert, mask=tmask3 & emask, other=0.0)
-            logit = tl.where(emask, logit, float("-inf"))  # [BLOCK_T, BLOCK_G, BLOCK_PG]
+        tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = tok < T
+        tok3 = tok[:, None, None]
+        tmask3 = tmask[:, None, None]
+        xmask = tmask3 & emask  # [BLOCK_T, BLOCK_G, BLOCK_PG]
+        if SELECT_ONLY:
+            scores = tl.load(X + tok3 * E + expert, mask=xmask, other=0.0)
+        else:
+            # Padded tokens read 0 (finite, so no NaN below); padded experts are -inf, i.e. score 0.
+            logit = tl.load(X + tok3 * E + expert, mask=xmask, other=0.0)
+            logit = tl.where(emask, logit, float("-inf"))
             if SOFTMAX:
                 top = tl.max(tl.max(logit, axis=2), axis=1)
                 p = tl.exp(logit - top[:, None, None])
                 scores = p / tl.sum(tl.sum(p, axis=2), axis=1)[:, None, None]
             else:
                 scores = tl.where(emask, tl.sigmoid(logit), 0.0)
-            tl.store(SCORES + tok3 * E + expert, scores, mask=tmask3 & emask)
-            choice = scores
-            if HAS_BIAS:
-                choice = scores + bias
-            choice = tl.where(emask, choice, float("-inf"))
+            tl.store(SCORES + tok3 * E + expert, scores, mask=xmask)
+        choice = scores
+        if HAS_BIAS:
+            choice = scores + tl.load(BIAS + expert, mask=emask, other=0.0)
+        choice = tl.where(emask, choice, float("-inf"))  # padded experts are never chosen
 
-            if G > 1:
-                best = tl.max(choice, axis=2)  # [BLOCK_T, BLOCK_G]
-                if GROUP_TOP2:
-                    # Knock out the first copy of the best: the second best equals it when it occurs twice.
-                    first = tl.min(tl.where(choice == best[:, :, None], j, BLOCK_PG), axis=2)
-                    best = best + tl.max(tl.where(j == first[:, :, None], float("-inf"), choice), axis=2)
-                gidx = tl.arange(0, BLOCK_G)[None, :]
-                gscore = tl.where(gidx < G, best, float("-inf"))
-                keep = tl.zeros([BLOCK_T, BLOCK_G], dtype=tl.int1)
-                for _ in tl.static_range(TOPK_GROUP):
-                    top = tl.max(gscore, axis=1)
-                    pick = tl.min(tl.where(gscore == top[:, None], gidx, BLOCK_G), axis=1)
-                    hit = gidx == pick[:, None]
-                    keep = keep | hit
-                    gscore = tl.where(hit, float("-inf"), gscore)
-                choice = tl.where(keep[:, :, None], choice, float("-inf"))
+        if G > 1:
+            best = tl.max(choice, axis=2)  # [BLOCK_T, BLOCK_G]
+            if GROUP_TOP2:
+                # Knock out the first copy of the best: the second best equals it when it occurs twice.
+                first = tl.min(tl.where(choice == best[:, :, None], j, BLOCK_PG), axis=2)
+                best = best + tl.max(tl.where(j == first[:, :, None], float("-inf"), choice), axis=2)
+            gidx = tl.arange(0, BLOCK_G)[None, :]
+            gscore = tl.where(gidx < G, best, float("-inf"))
+            keep = tl.zeros([BLOCK_T, BLOCK_G], dtype=tl.int1)
+            for _ in tl.static_range(TOPK_GROUP):
+                top = tl.max(gscore, axis=1)
+                pick = tl.min(tl.where(gscore == top[:, None], gidx, BLOCK_G), axis=1)
+                hit = gidx == pick[:, None]
+                keep = keep | hit
+                gscore = tl.where(hit, float("-inf"), gscore)
+            choice = tl.where(keep[:, :, None], choice, float("-inf"))
 
-            w_tile = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-            i_tile = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
-            for k in tl.static_range(K):
-                top = tl.max(tl.max(choice, axis=2), axis=1)  # [BLOCK_T]
-                pick = tl.min(tl.min(tl.where(choice == top[:, None, None], expert, E), axis=2), axis=1)
-                hit = expert == pick[:, None, None]
+        chosen = tl.zeros([BLOCK_T, BLOCK_G, BLOCK_PG], dtype=tl.int1)
+        w_tile = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+        i_tile = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+        for k in tl.static_range(K):
+            top = tl.max(tl.max(choice, axis=2), axis=1)  # [BLOCK_T]
+            pick = tl.min(tl.min(tl.where(choice == top[:, None, None], expert, E), axis=2), axis=1)
+            hit = expert == pick[:, None, None]
+            choice = tl.where(hit, float("-inf"), choice)
+            chosen = chosen | hit
+            i_tile = tl.where(kk == k, pick[:, None], i_tile)
+            if not SELECT_ONLY:
                 w = tl.sum(tl.sum(tl.where(hit, scores, 0.0), axis=2), axis=1)
-                choice = tl.where(hit, float("-inf"), choice)
-                counts += tl.sum((hit & tmask3).to(tl.int32), axis=0)
                 w_tile = tl.where(kk == k, w[:, None], w_tile)
-                i_tile = tl.where(kk == k, pick[:, None], i_tile)
+        out = tok[:, None] * K + kk
+        omask = tmask[:, None] & (kk < K)
+        tl.store(INDICES + out, i_tile.to(tl.int64), mask=omask)
+        if not SELECT_ONLY:
             if NORM:
                 w_tile = w_tile / (tl.sum(w_tile, axis=1)[:, None] + 1e-20)
-            out = tok[:, None] * K + kk
-            omask = tmask[:, None] & (kk < K)
             tl.store(WEIGHTS + out, w_tile * scale, mask=omask)
-            tl.store(INDICES + out, i_tile.to(tl.int64), mask=omask)
+
+        # Tokens per expert: one reduction over the block's tokens after the K rounds, not one per round.
+        counts = tl.sum((chosen & tmask3).to(tl.int32), axis=0).to(tl.int64)  # [BLOCK_G, BLOCK_PG]
         grp2 = tl.arange(0, BLOCK_G)[:, None]
         j2 = tl.arange(0, BLOCK_PG)[None, :]
-        tl.store(COUNTS + grp2 * PG + j2, counts.to(tl.int64), mask=(grp2 < G) & (j2 < PG))
+        cmask = (grp2 < G) & (j2 < PG)
+        if ATOMIC_COUNTS:  # integer adds: the total does not depend on the order the programs run in
+            tl.atomic_add(COUNTS + grp2 * PG + j2, counts, mask=cmask, sem="relaxed")
+        else:
+            tl.store(COUNTS + grp2 * PG + j2, counts, mask=cmask)
 
     @triton.jit
-    def _gate_up_kernel(X, W, IDX, H, stride_x, D, I, n_pairs, K: tl.constexpr,
+    def _gate_up_kernel(X, W, SG, SU, IDX, H, stride_x, D, I, n_pairs, K: tl.constexpr, NS: tl.constexpr,
                         BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
         # Program (pair, tile): rows [tile * BLOCK_I, +BLOCK_I) of the gate and of the up projection of one pair's
-        # expert. Pairs vary fastest, so the programs reading one tile of a shared expert run together.
+        # expert (pairs as in `experts_triton`). Pairs vary fastest, so the programs reading one weight tile for
+        # several tokens (an expert they all chose, the shared MLP) run together and mostly hit L2.
         pair = tl.program_id(0)
+        tok = pair // (K + NS)
+        slot = pair % (K + NS)
         rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         rmask = rows < I
-        expert = tl.load(IDX + pair).to(tl.int64)
-        x_row = X + (pair // K) * stride_x
-        w_gate = W + expert * 2 * I * D + rows[:, None] * D  # [BLOCK_I, 1] row starts, gate rows
-        w_up = w_gate + I * D  # the up rows follow the I gate rows
+        if slot < K:  # a routed expert of the stacked [E, 2I, D]: I gate rows, then I up rows
+            expert = tl.load(IDX + tok * K + slot).to(tl.int64)
+            w_gate = W + expert * 2 * I * D + rows[:, None] * D  # [BLOCK_I, 1] row starts
+            w_up = w_gate + I * D
+        else:  # I-wide slice slot - K of the shared MLP: its rows of gate_proj and up_proj [NS * I, D]
+            first = (slot - K).to(tl.int64) * I * D
+            w_gate = SG + first + rows[:, None] * D
+            w_up = SU + first + rows[:, None] * D
+        x_row = X + tok * stride_x
         acc_g = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -316,15 +420,22 @@ if triton is not None:
         tl.store(H + pair * I + rows, h.to(H.dtype.element_ty), mask=rmask)
 
     @triton.jit
-    def _down_kernel(H, W, IDX, WTS, Y, D, I, n_pairs, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
-        # Program (pair, tile): outputs [tile * BLOCK_D, +BLOCK_D) of one token-expert pair times its routing weight,
-        # in fp32; the launcher sums each token's K pairs. A program per pair rather than per token: at T = 1 the
-        # 16b shapes give K times more programs, which a GEMV needs to keep enough loads in flight.
+    def _down_kernel(H, W, SD, IDX, WTS, Y, D, I, n_pairs, K: tl.constexpr, NS: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
+        # Program (pair, tile): outputs [tile * BLOCK_D, +BLOCK_D) of one pair times its routing weight (1 for the
+        # shared MLP's slices), in fp32; the launcher sums each token's K + NS pairs. A program per pair rather than
+        # per token: at T = 1 the 16b shapes give K + NS times more programs, which a GEMV needs to keep enough
+        # loads in flight.
         pair = tl.program_id(0)
+        tok = pair // (K + NS)
+        slot = pair % (K + NS)
         rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         rmask = rows < D
-        expert = tl.load(IDX + pair).to(tl.int64)
-        w_rows = W + expert * D * I + rows[:, None] * I  # [BLOCK_D, 1] row starts
+        if slot < K:  # a routed expert of the stacked [E, D, I]
+            expert = tl.load(IDX + tok * K + slot).to(tl.int64)
+            w_rows = W + expert * D * I + rows[:, None] * I  # [BLOCK_D, 1] row starts
+        else:  # columns [(slot - K) * I, +I) of the shared MLP's down_proj [D, NS * I]
+            w_rows = SD + (slot - K).to(tl.int64) * I + rows[:, None] * (NS * I)
         acc = tl.zeros([BLOCK_D, BLOCK_I], dtype=tl.float32)
         for i0 in range(0, I, BLOCK_I):
             cols = i0 + tl.arange(0, BLOCK_I)
@@ -332,7 +443,8 @@ if triton is not None:
             h = tl.load(H + pair * I + cols, mask=cmask, other=0.0).to(tl.float32)
             w = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
             acc += w.to(tl.float32) * h[None, :]
-        tl.store(Y + pair * D + rows, tl.sum(acc, axis=1) * tl.load(WTS + pair), mask=rmask)
+        weight = tl.load(WTS + tok * K + slot, mask=slot < K, other=1.0)
+        tl.store(Y + pair * D + rows, tl.sum(acc, axis=1) * weight, mask=rmask)
 
     # Guesses for Hopper bandwidth (H200, 132 SMs), untuned on hardware: a weight tile of 4-8K elements per loop
     # step (8 bf16 per 16-byte load and thread), a few hundred programs at T = 1 for the 16b shapes (D 2048, I 1408).
