@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -5,6 +8,20 @@ import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TOKENIZER_DIR = SHARED_DATA / "tokenizers" / "deepseek-v3"
+
+
+def rerun_under_interpreter(test_file: str, keyword: str | None = None, timeout: int = 600,
+                            allow_skips: bool = False) -> None:
+    """Runs a test file's (keyword-selected) tests again in a subprocess with TRITON_INTERPRET=1, which Triton reads
+    when kernels are defined, and asserts they all passed."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    select = ["-k", keyword] if keyword else []
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select, test_file],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout
+    assert allow_skips or " skipped" not in run.stdout, run.stdout
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,6 @@ whose amax is 448 times a power of two), which keeps every division exact. The G
 
 import copy
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ if torch.cuda.is_available():
 
 from dsv3.fp8_train import Fp8Settings, apply_fp8  # noqa: E402
 from dsv3.ops import fp8_gemm as ops  # noqa: E402
+from tests.conftest import rerun_under_interpreter  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_kernels_under_the_interpreter's subprocess")
@@ -31,11 +30,7 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_kernels_u
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
 def test_kernels_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout
+    rerun_under_interpreter(__file__, allow_skips=True)
 
 
 def _exact(*shape, exponent: int = -6) -> torch.Tensor:

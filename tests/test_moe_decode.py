@@ -8,8 +8,6 @@ no two scores tie (sigmoid saturates to exactly 1.0 in fp32 past ~17): tie-break
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ import dsv3
 from dsv3.model import Gate, MoE
 from dsv3.ops import moe_decode
 from dsv3.ops.moe_decode import RouteSpec, experts_reference, route_reference
+from tests.conftest import rerun_under_interpreter
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_under_the_triton_interpreter's subprocess")
@@ -37,9 +36,8 @@ ROUTINGS = {
 }
 
 
-def _gate(name: str, seed: int = 0) -> Gate:
-    cfg = dsv3.ModelConfig.preset("tiny", **ROUTINGS[name])
-    gen = torch.Generator().manual_seed(seed)
+def random_gate(cfg: dsv3.ModelConfig, gen: torch.Generator) -> Gate:
+    """A gate with unit-scale logits and mostly negative biases, drawn from gen."""
     gate = Gate(cfg)
     with torch.no_grad():
         gate.weight.copy_(torch.randn(gate.weight.shape, generator=gen) / cfg.hidden_size ** 0.5)
@@ -50,7 +48,7 @@ def _gate(name: str, seed: int = 0) -> Gate:
 
 
 def _route_inputs(name: str, t: int, seed: int = 0) -> tuple[Gate, torch.Tensor]:
-    gate = _gate(name, seed)
+    gate = random_gate(dsv3.ModelConfig.preset("tiny", **ROUTINGS[name]), torch.Generator().manual_seed(seed))
     x = torch.randn(t, gate.cfg.hidden_size, generator=torch.Generator().manual_seed(seed + 1))
     return gate, x
 
@@ -107,12 +105,7 @@ def test_experts_reference_matches_moe(t, n_shared):
 @pytest.mark.skipif(moe_decode.triton is None, reason="needs the triton package (its interpreter runs the kernels)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead")
 def test_under_the_triton_interpreter():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "kernel", __file__],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout and " skipped" not in run.stdout, run.stdout
+    rerun_under_interpreter(__file__, "kernel", timeout=300)
 
 
 @interpreted

@@ -8,8 +8,6 @@ with TRITON_INTERPRET=1, and gate logits are drawn at unit scale so that no two 
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +18,8 @@ from dsv3.balance import balance_loss
 from dsv3.model import Gate, build_model
 from dsv3.ops import moe_decode
 from dsv3.ops.moe_decode import RouteSpec, route_reference, select_reference
+from tests.conftest import rerun_under_interpreter
+from tests.test_moe_decode import random_gate
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_under_the_triton_interpreter's subprocess")
@@ -46,12 +46,7 @@ ROUTINGS = {
 def _route_inputs(name: str, t: int, seed: int = 0) -> tuple[Gate, torch.Tensor]:
     cfg = dsv3.ModelConfig.preset("tiny", **ROUTINGS[name])
     gen = torch.Generator().manual_seed(seed)
-    gate = Gate(cfg)
-    with torch.no_grad():
-        gate.weight.copy_(torch.randn(gate.weight.shape, generator=gen) / cfg.hidden_size ** 0.5)
-        if gate.e_score_correction_bias is not None:
-            # Mostly negative: a dropped group filled with 0 instead of -inf would win against these choices.
-            gate.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts, generator=gen) * 0.5 - 1.0)
+    gate = random_gate(cfg, gen)
     return gate, torch.randn(t, cfg.hidden_size, generator=gen)
 
 
@@ -71,12 +66,7 @@ def test_select_reference_matches_gate(name, t):
 @pytest.mark.skipif(moe_decode.triton is None, reason="needs the triton package (its interpreter runs the kernels)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead")
 def test_under_the_triton_interpreter():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "kernel", __file__],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout and " skipped" not in run.stdout, run.stdout
+    rerun_under_interpreter(__file__, "kernel")
 
 
 @interpreted
