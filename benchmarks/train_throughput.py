@@ -5,7 +5,8 @@
 Both train from fp32 master weights under bf16 autocast with fused AdamW (betas 0.9/0.95, weight decay 0.1), grad
 clipping at 1.0, on the same random-token batches. dsv3 runs its own `Trainer` pieces (loss with the sequence-wise
 balance term, the auxiliary-loss-free bias update after each step); MTP is off in the head-to-head row (transformers
-has no MTP) and timed separately. MFU uses dsv3's FLOP count (`dsv3.info`) and the bf16 dense peak of the GPU.
+has no MTP) and timed separately. `--fp8` also times dsv3 with the report's FP8 recipe (`apply_fp8`: fine-grained FP8
+GEMMs for every linear layer and expert) against its own bf16 row. MFU uses dsv3's FLOP count (`dsv3.info`) and the bf16 dense peak of the GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from benchmarks.common import kernel_profile, save_results
 from dsv3.balance import balance_loss, update_bias
 from dsv3.info import model_stats
 from dsv3.loss import head_cross_entropy
-from dsv3.fp8_train import make_adamw
+from dsv3.fp8_train import apply_fp8, make_adamw
 from dsv3.train import adamw_param_groups, mtp_terms, peak_bf16_flops
 
 
@@ -93,6 +94,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time dsv3 under torch.compile")
     p.add_argument("--hf-impls", default="grouped_mm,eager")
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
+    p.add_argument("--fp8", action="store_true", help="also time dsv3 with FP8 GEMMs (issue 4's end-to-end ratio)")
     p.add_argument("--profile", action="store_true",
                    help="also list the GPU kernels of one dsv3 step (MTP on) by device time")
     args = p.parse_args()
@@ -115,11 +117,15 @@ def main() -> None:
         results[f"{key}_mfu"] = tokens / seconds * flops_per_token / peak
         print(f"{key}: {tokens / seconds:,.0f} tokens/s, MFU {100 * results[f'{key}_mfu']:.1f}%", flush=True)
 
-    variants = [("dsv3", 0, False), ("dsv3_mtp", 1, False)]
+    variants = [("dsv3", 0, False, False), ("dsv3_mtp", 1, False, False)]
     if args.compile:
-        variants += [("dsv3_compiled", 0, True), ("dsv3_mtp_compiled", 1, True)]
-    for key, depth, compiled in variants:
+        variants += [("dsv3_compiled", 0, True, False), ("dsv3_mtp_compiled", 1, True, False)]
+    if args.fp8:
+        variants += [("dsv3_fp8", 0, False, True)] + ([("dsv3_fp8_compiled", 0, True, True)] if args.compile else [])
+    for key, depth, compiled, fp8 in variants:
         model = dsv3.build_model(cfg.replace(num_nextn_predict_layers=depth), device=device, seed=0)
+        if fp8:
+            apply_fp8(model)
         model.train()
         run = torch.compile(model) if compiled else model
         step = dsv3_step_fn(run, batches, mtp=depth > 0)
@@ -148,6 +154,10 @@ def main() -> None:
                 if f"{key}_tokens_per_s" in results:
                     results[f"ratio_{key}_vs_hf_{impl}"] = (results[f"{key}_tokens_per_s"]
                                                             / results[f"hf_{impl}_tokens_per_s"])
+    for base in ("dsv3", "dsv3_compiled"):
+        fp8 = base.replace("dsv3", "dsv3_fp8", 1)
+        if f"{fp8}_tokens_per_s" in results:
+            results[f"ratio_{fp8}_vs_{base}"] = results[f"{fp8}_tokens_per_s"] / results[f"{base}_tokens_per_s"]
     save_results(f"train_throughput_{args.preset}", results)
 
 
