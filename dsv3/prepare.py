@@ -132,12 +132,26 @@ def _check_parquet(path: Path) -> None:
         raise ValueError(f"the 'text' column of parquet file {path} holds {kind}, not strings")
 
 
+def _check_jsonl(path: Path) -> None:
+    """Reads up to the first record with text: a cheap early check (the workers check every line) that lets a folder
+    walk pass over jsonl data files of other shapes."""
+    next(_jsonl_documents(Unit(str(path), "jsonl", 0, 2**20, 0)), None)
+
+
+def _check_data_file(path: Path) -> None:
+    if _kind(path) == "parquet":
+        _check_parquet(path)
+    elif _kind(path) == "jsonl":
+        _check_jsonl(path)
+
+
 def discover(inputs: Iterable[str | Path], exclude: Path | None = None) -> tuple[list[Path], list[dict], int]:
     """(files to tokenize, sorted; skipped files as {path, reason}; number of empty or non-text files passed over in
     folders). Folder walks leave out `exclude` (the output dataset, which may sit inside the corpus). Raises for
-    missing, unreadable or empty inputs and for folders without any text file."""
+    missing, unreadable or empty inputs and for folders without any text file. A jsonl or parquet file named as an
+    input must hold text; one met in a folder walk that does not (a data table, say) is skipped with a warning."""
     exclude = exclude.resolve() if exclude is not None else None
-    found: dict[Path, None] = {}
+    found: dict[Path, bool] = {}  # path -> named as an input (not met in a folder walk)
     passed_over = 0
     inputs = list(inputs)
     if not inputs:
@@ -154,19 +168,25 @@ def discover(inputs: Iterable[str | Path], exclude: Path | None = None) -> tuple
                 if path.stat().st_size == 0 or not (known or _looks_like_text(path)):
                     passed_over += 1
                 else:
-                    found[path.resolve()] = None
+                    found.setdefault(path.resolve(), False)
             if len(found) == before:
                 raise ValueError(f"no text files in folder {item}")
         elif item.stat().st_size == 0:
             raise ValueError(f"input file is empty: {item}")
         else:
-            found[item.resolve()] = None
+            found[item.resolve()] = True
 
     files, skipped = [], []
-    for path in sorted(found):
-        if _kind(path) == "parquet":
-            _check_parquet(path)
-        elif _kind(path) == "text" and (reason := _utf8_problem(path)):
+    for path, named in sorted(found.items()):
+        try:
+            _check_data_file(path)
+        except ValueError as e:
+            if named:
+                raise
+            warnings.warn(f"skipping {e}")
+            skipped.append({"path": str(path), "reason": str(e)})
+            continue
+        if _kind(path) == "text" and (reason := _utf8_problem(path)):
             warnings.warn(f"skipping {path}: {reason}")
             skipped.append({"path": str(path), "reason": reason})
             continue

@@ -4,8 +4,9 @@
 # Prepares CORPUS_DIR once (a byte-level BPE of VOCAB tokens trained on the training files, 1% of the files held
 # out for validation), then trains three runs on the same data, seed and schedule:
 #   base    aux-loss-free balancing + sequence-wise loss, MTP D=1 (the report's recipe)
-#   auxloss classic auxiliary-loss balancing (no bias update), MTP D=1
 #   nomtp   aux-loss-free balancing, no MTP
+#   auxloss classic auxiliary-loss balancing (no bias update), no MTP
+# Balancing is compared between nomtp and auxloss (neither has MTP), MTP between base and nomtp.
 # The three run side by side, spread over the visible GPUs: one run of this size leaves most of an H200 idle
 # (kernel-latency bound), so sharing a GPU costs each run little.
 set -euo pipefail
@@ -27,7 +28,7 @@ run() {  # name args...
   CUDA_VISIBLE_DEVICES=$(( i++ % ngpu )) python -m dsv3.cli train "${common[@]}" --out "$out/$name" "$@" \
     > "$out/$name.log" 2>&1 &
 }
-run base; run auxloss --balance aux_loss; run nomtp --mtp-depth 0
+run base; run nomtp --mtp-depth 0; run auxloss --balance aux_loss --mtp-depth 0
 wait
-python -m dsv3.cli plot "$out/base" "$out/auxloss" --out "$out/plots_balance"
+python -m dsv3.cli plot "$out/nomtp" "$out/auxloss" --out "$out/plots_balance"
 python -m dsv3.cli plot "$out/base" "$out/nomtp" --out "$out/plots_mtp"
