@@ -158,6 +158,21 @@ def test_undecodable_file_is_skipped_with_a_warning(tmp_path, capsys):
     assert sum(len(s["files"]) for s in index["splits"].values()) == 3
 
 
+def test_data_files_without_text_in_a_folder_are_skipped_with_a_warning(tmp_path):
+    # A walked folder (site-packages, say) holds data tables: they are passed over, while the same files named as
+    # inputs are errors (test_bad_inputs_raise_clear_errors).
+    for i in range(3):
+        (tmp_path / f"ok{i}.py").write_text(f"x = {i}\n" * 20)
+    pq.write_table(pa.table({"price": [1.0, 2.0]}), tmp_path / "table.parquet")
+    (tmp_path / "records.jsonl").write_text(json.dumps({"id": 1}) + "\n")
+    with pytest.warns(UserWarning, match="skipping"):
+        index = prepare([tmp_path], tmp_path / "out", vocab_size=300, val_fraction=0.3, workers=1)
+    reasons = {Path(s["path"]).name: s["reason"] for s in index["skipped"]}
+    assert reasons.keys() == {"table.parquet", "records.jsonl"}
+    assert "no 'text' column" in reasons["table.parquet"] and "no 'text' field" in reasons["records.jsonl"]
+    assert sum(len(s["files"]) for s in index["splits"].values()) == 3
+
+
 def write(path: Path, text: str = "some text\n") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
