@@ -3,6 +3,7 @@
     python -m benchmarks.decode --preset 1b --batch 1 64            # dsv3 vs transformers generate, same weights
     python -m benchmarks.decode --preset 16b --batch 1 --no-hf     # fraction of the HBM roofline at batch 1
     python -m benchmarks.decode --model DIR --speculative          # MTP drafting on a checkpoint trained with MTP
+    python -m benchmarks.decode --preset 1b --fp8-weights --no-hf   # also the same weights served from FP8
 
 Throughput is generated tokens over the wall time of the whole generation (prefill included) with greedy decoding
 and the same prompt length and token count on both sides; decode-only tokens/s (from the first generated token on)
@@ -11,6 +12,8 @@ the attention and dense/shared weights, 6 routed experts per MoE layer, the head
 tokens/s x bytes per token over the measured device copy bandwidth is the fraction of the memory roofline reached.
 `--kernel torch` and `--no-graphs` time the engine without the Triton kernel or the CUDA graphs; `--compile` times it
 with each decode bucket's step compiled by torch.compile (the warm-up run pays for the compilation).
+`--fp8-weights` also writes the model as an FP8 checkpoint (128x128 blocks, like the official release), loads it
+back with its linear layers on FP8 GEMMs (`dsv3.fp8_infer`) and times that beside the bf16 model.
 """
 
 from __future__ import annotations
@@ -122,13 +125,23 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
                      "compile": args.compile, "runs": []}
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (max(args.batch), args.prompt_len), generator=gen)
-    ours = {}
-    for b in args.batch:
-        engine = engine_for(model, args, b, args.prompt_len)
-        time_engine(engine, ids[:b, :16].tolist(), 8)  # warm-up: captures the CUDA graphs this batch uses
-        ours[b] = time_engine(engine, ids[:b].tolist(), args.new_tokens)
-        del engine
-        torch.cuda.empty_cache()
+
+    def timed(m) -> dict[int, dict]:
+        runs = {}
+        for b in args.batch:
+            engine = engine_for(m, args, b, args.prompt_len)
+            time_engine(engine, ids[:b, :16].tolist(), 8)  # warm-up: captures the CUDA graphs this batch uses
+            runs[b] = time_engine(engine, ids[:b].tolist(), args.new_tokens)
+            del engine
+            torch.cuda.empty_cache()
+        return runs
+
+    ours = timed(model)
+    fp8 = {}
+    if args.fp8_weights:
+        with tempfile.TemporaryDirectory() as tmp:
+            dsv3.save_model(model, tmp, fp8=True)
+            fp8 = timed(dsv3.load_model(tmp, device=device, dtype=dtype, fp8_gemms=True))
     # Bytes one decode step reads at batch 1, in bf16: activated weights (one embedding row, not the table) and
     # the cache at the mean context of the decode steps.
     bytes_per_token = 2 * (stats.activated_params - stats.embedding_params + cfg.hidden_size)
@@ -150,6 +163,10 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
                "dsv3_decode_tokens_per_s": ours[b]["decode_tokens_per_s"]}
         if b == 1:
             row["hbm_roofline_fraction"] = ours[b]["decode_tokens_per_s"] * bytes_per_token / bandwidth
+        if b in fp8:
+            row["dsv3_fp8_tokens_per_s"] = fp8[b]["tokens_per_s"]
+            row["dsv3_fp8_decode_tokens_per_s"] = fp8[b]["decode_tokens_per_s"]
+            row["fp8_vs_bf16"] = fp8[b]["decode_tokens_per_s"] / ours[b]["decode_tokens_per_s"]
         for impl, make in hf_models.items():
             hf = make()
             with torch.no_grad():
@@ -211,11 +228,12 @@ def main() -> None:
     p.add_argument("--no-graphs", action="store_true", help="run the decode step eagerly")
     p.add_argument("--compile", action="store_true", help="torch.compile each decode bucket's step")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (the roofline alone)")
+    p.add_argument("--fp8-weights", action="store_true", help="also time the weights served from an FP8 checkpoint")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA GPU")
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
-    suffix = "_compiled" if args.compile else ""
+    suffix = ("_compiled" if args.compile else "") + ("_fp8" if args.fp8_weights else "")
     if args.speculative:
         if not args.model:
             raise SystemExit("--speculative needs --model DIR, a checkpoint trained with MTP")

@@ -29,7 +29,9 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .fp8 import FP8, dequantize_weight_blocks, quantize_weight_blocks
+from .fp8_infer import replace_linears
 from .model import Rotary, Transformer, cast_model
+from .ops import fp8_gemm as ops
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -50,7 +52,7 @@ NAME_TABLE: list[tuple[str, str]] = [
     (r"lm_head\.weight", "lm_head.weight"),
     (r"layers\.(\d+)\.(.+)", "model.layers.{0}.{1}"),
     (r"mtp\.(\d+)\.block\.(.+)", "model.layers.{L}.{1}"),
-    (r"mtp\.(\d+)\.(enorm|hnorm|eh_proj)\.weight", "model.layers.{L}.{1}.weight"),
+    (r"mtp\.(\d+)\.(enorm\.weight|hnorm\.weight|eh_proj\.weight(?:_scale_inv)?)", "model.layers.{L}.{1}"),
     (r"mtp\.(\d+)\.head_norm\.weight", "model.layers.{L}.shared_head.norm.weight"),
 ]
 # Tensors of MTP layer {L} that dsv3 shares with the main model: (HF suffix, native name).
@@ -126,9 +128,13 @@ class _Reader:
     def shape(self, name: str) -> list[int]:
         return self._file(name).get_slice(name).get_shape()
 
+    def stored(self, name: str) -> torch.Tensor:
+        """The tensor `name` as stored (FP8 stays FP8)."""
+        return self._file(name).get_tensor(name)
+
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The tensor `name` in `dtype`, dequantised through its `_scale_inv` if it is stored as FP8."""
-        t = self._file(name).get_tensor(name)
+        t = self.stored(name)
         if t.dtype == FP8:
             scale = name + "_scale_inv"
             if scale not in self.weight_map:
@@ -138,11 +144,14 @@ class _Reader:
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-               mtp: bool = True) -> Transformer:
+               mtp: bool = True, fp8_gemms: bool | None = None) -> Transformer:
     """Build the model of an HF DeepSeek-V3 folder and fill it from its safetensors.
 
     dtype defaults to the checkpoint's `torch_dtype` (bf16 for the official release, FP8 weights dequantised).
     `mtp=False` loads without the MTP modules (a checkpoint without them needs it; saves memory for plain decoding).
+    `fp8_gemms`: keep the FP8 weights of the linear layers as stored and run them through FP8 GEMMs
+    (`fp8_infer.py`). None (the default) does so when the checkpoint is FP8 and `device` has FP8 tensor cores;
+    True forces it, emulated where the kernels cannot run (the CPU tests); False dequantises everything.
     """
     path = Path(path)
     if not path.is_dir():
@@ -160,6 +169,11 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     model.to_empty(device=device)
     cast_model(model, dtype)
     model.rotary = Rotary(cfg).to(device)  # a non-persistent buffer: computed, not loaded
+    unsupported = ops.fp8_unsupported_reason(device)
+    if fp8_gemms or (fp8_gemms is None and cfg.quantized_fp8 and unsupported is None):
+        stored_fp8 = {n[: -len("_scale_inv")] for n in reader.names() if n.endswith("_scale_inv")}
+        replace_linears(model, lambda m: not m.endswith("kv_b_proj") and hf_name(m + ".weight", cfg) in stored_fp8,
+                        emulate=unsupported is not None)
 
     params = dict(model.named_parameters())
     params.update(model.named_buffers())
@@ -171,7 +185,11 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
         if stacked is None:
             name = hf_name(native, cfg)
             expected.add(name)
-            _copy_in(reader, name, target)
+            if target.dtype == FP8:  # an Fp8WeightLinear's weight, kept as stored
+                owner = model.get_submodule(native.rpartition(".")[0])
+                _copy_in_fp8(reader, name, target, (owner.out_features, owner.in_features))
+            else:
+                _copy_in(reader, name, target)
             continue
         prefix = hf_name(native, cfg)[: -len(stacked.split(".")[-1])]
         inter = cfg.moe_intermediate_size
@@ -203,6 +221,17 @@ def _copy_in(reader: _Reader, name: str, dest: torch.Tensor) -> None:
                               f"config.json does not match the weights")
     with torch.no_grad():
         dest.copy_(reader.get(name, dest.dtype))
+
+
+def _copy_in_fp8(reader: _Reader, name: str, dest: torch.Tensor, shape: tuple[int, int]) -> None:
+    # dest: e4m3 [Np, Kp], the stored weight of `shape` [N, K] zero-padded to whole 128x128 blocks (Fp8WeightLinear)
+    t = reader.stored(name)
+    if t.dtype != FP8 or tuple(t.shape) != shape:
+        raise CheckpointError(f"tensor {name} is {t.dtype} {list(t.shape)}, but the config implies an FP8 weight of "
+                              f"{list(shape)}; config.json does not match the weights")
+    with torch.no_grad():
+        dest.zero_()
+        dest[: shape[0], : shape[1]].copy_(t)
 
 
 def _check_leftovers(reader: _Reader, expected: set[str], cfg: ModelConfig, mtp: bool) -> None:
@@ -246,8 +275,10 @@ def _tokenizer_files(folder: str | Path | None) -> list[Path]:
 
 
 def _store(name: str, t: torch.Tensor, fp8: bool, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    if t.dtype == FP8:  # already quantised (convert's pass-through)
+    if t.dtype == FP8:  # already quantised (convert's pass-through, a model serving FP8 weights)
         yield name, t.contiguous()
+    elif name.endswith("_scale_inv"):
+        yield name, t.to(torch.float32, copy=True)
     elif fp8 and fp8_eligible(name, t):
         q, scale = quantize_weight_blocks(t)
         yield name, q

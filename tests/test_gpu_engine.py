@@ -91,6 +91,29 @@ def test_compiled_step_in_cuda_graphs_tracks_the_full_forward(speculative):
     assert codes and not any(str(layer_numel) in code for code in codes)
 
 
+def test_fp8_checkpoint_serves_through_fp8_gemms(tmp_path):
+    from dsv3.fp8_infer import Fp8WeightLinear
+    from dsv3.ops.fp8_gemm import fp8_unsupported_reason
+
+    if reason := fp8_unsupported_reason(torch.device("cuda")):
+        pytest.skip(reason)
+    dsv3.save_model(_model(), tmp_path / "fp8", fp8=True)
+    model = dsv3.load_model(tmp_path / "fp8", device="cuda")  # FP8 checkpoint, FP8 GPU: FP8 GEMMs by default
+    layers = [m for m in model.modules() if isinstance(m, Fp8WeightLinear)]
+    assert layers and not any(m.emulate for m in layers)
+    plain = dsv3.load_model(tmp_path / "fp8", device="cuda", fp8_gemms=False)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=gen).cuda()
+    with torch.no_grad():
+        got, want = model(ids).float(), plain(ids).float()
+    assert ((got - want).norm() / want.norm()).item() < 0.05
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in (3, 40)]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (16, 6)]
+    engine = Engine(model, max_batch_size=2, block_size=16, num_blocks=64)
+    assert engine.graphs is not None
+    _check_greedy_against_full_forward(model, prompts, engine.generate(prompts, params))
+
+
 def test_seeded_sampling_reproduces_on_the_gpu():
     model = _model()
     p = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True)

@@ -47,7 +47,7 @@ except ImportError:  # CPU-only installs: the references still run
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def _padded(n: int) -> int:
+def padded(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
 
@@ -323,7 +323,7 @@ def quantize_act(x: torch.Tensor, tiles: RowTiles, pow2: bool = False, with_cols
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
-    kp = _padded(k)
+    kp = padded(k)
     q = torch.empty((m, kp), dtype=FP8, device=x.device)
     s = torch.empty((kp // BLOCK, m), dtype=torch.float32, device=x.device).t()
     qt = torch.empty((kp, tiles.count * BLOCK), dtype=FP8, device=x.device) if with_cols else None
@@ -339,7 +339,7 @@ def quantize_weight(w: torch.Tensor, pow2: bool = False, emulate: bool = False) 
     if emulate:
         return quantize_weight_reference(w, pow2)
     g, n, k = w.shape
-    np_, kp = _padded(n), _padded(k)
+    np_, kp = padded(n), padded(k)
     q = torch.empty((g, np_, kp), dtype=FP8, device=w.device)
     s = torch.empty((g, np_ // BLOCK, kp // BLOCK), dtype=torch.float32, device=w.device)
     _quant_weight_kernel[(g, np_ // BLOCK, kp // BLOCK)](

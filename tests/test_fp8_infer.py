@@ -1,0 +1,101 @@
+"""Serving FP8 checkpoints through FP8 GEMMs (dsv3.fp8_infer), emulated on the CPU: the layer against its
+reference, which layers load as FP8, logits against the dequantised model, the engine against a naive loop, and the
+checkpoint written back unchanged."""
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import dsv3
+from dsv3.checkpoint import hf_name
+from dsv3.engine import Engine, SamplingParams
+from dsv3.fp8 import dequantize_blocks, dequantize_weight_blocks, quantize_blocks, quantize_weight_blocks
+from dsv3.fp8_infer import Fp8WeightLinear
+from dsv3.model import build_model
+
+CFG = dsv3.ModelConfig.preset("tiny", num_hidden_layers=2)
+
+
+def test_layer_is_its_reference_and_close_to_the_bf16_product():
+    # Awkward sizes: both dimensions padded (200 -> 256 outputs, 300 -> 384 inputs).
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(200, 300, generator=g), torch.randn(200, generator=g), torch.randn(3, 5, 300, generator=g)
+    q, scale_inv = quantize_weight_blocks(w)
+    layer = Fp8WeightLinear(300, 200, b, emulate=True, device=torch.device("cpu"))
+    layer.weight[:200, :300] = q
+    layer.weight_scale_inv.copy_(scale_inv)
+    y = layer(x)
+    assert y.shape == (3, 5, 200)
+    xq = dequantize_blocks(*quantize_blocks(x.reshape(15, 300), 1, 128))[:, :300]  # per token, 1x128 tiles
+    want = xq @ dequantize_weight_blocks(q, scale_inv, torch.float32).t() + b
+    torch.testing.assert_close(y.reshape(15, 200), want, rtol=1e-5, atol=1e-4)
+    exact = x @ w.t() + b
+    assert ((y - exact).norm() / exact.norm()).item() < 0.05  # e4m3 keeps 3 mantissa bits
+    assert layer(x[:, :0]).shape == (3, 0, 200)
+
+
+def _fp8_checkpoint(tmp_path):
+    path = tmp_path / "fp8"
+    dsv3.save_model(build_model(CFG, seed=0), path, fp8=True)
+    return path
+
+
+def test_fp8_layers_and_logits(tmp_path):
+    path = _fp8_checkpoint(tmp_path)
+    plain = dsv3.load_model(path, dtype=torch.float32)  # on the CPU the default dequantises
+    assert not any(isinstance(m, Fp8WeightLinear) for m in plain.modules())
+    model = dsv3.load_model(path, dtype=torch.float32, fp8_gemms=True)
+    fp8 = {n for n, m in model.named_modules() if isinstance(m, Fp8WeightLinear)}
+    attn = model.layers[0].self_attn
+    assert isinstance(attn.kv_a_proj_with_mqa, Fp8WeightLinear) and isinstance(attn.o_proj, Fp8WeightLinear)
+    assert type(attn.kv_b_proj) is nn.Linear  # the absorbed decode attention reads its bf16 halves
+    assert "layers.1.mlp.shared_experts.down_proj" in fp8 and "mtp.0.eh_proj" in fp8
+    assert "lm_head" not in fp8 and not any("experts.gate_up" in n or n.endswith("mlp.gate") for n in fp8)
+    ids = torch.randint(0, CFG.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = model(ids), plain(ids)
+    # Only the activations' quantisation separates the two: the weights are the same FP8 numbers.
+    assert ((got - want).norm() / want.norm()).item() < 0.05
+
+
+def test_engine_with_fp8_gemms_matches_a_naive_loop(tmp_path):
+    model = dsv3.load_model(_fp8_checkpoint(tmp_path), dtype=torch.float32, fp8_gemms=True)
+    engine = Engine(model, block_size=4, num_blocks=32, max_prefill_tokens=8)
+    g = torch.Generator().manual_seed(2)
+    ps = [torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist() for n in (5, 13)]
+    ids = {engine.add_request(p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)): p for p in ps}
+    got = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    for i, prompt in ids.items():
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                seq.append(model(torch.tensor([seq]))[0, -1].argmax().item())
+        assert got[i] == seq[len(prompt):]
+
+
+def test_saving_an_fp8_serving_model_writes_the_checkpoint_back(tmp_path):
+    path = _fp8_checkpoint(tmp_path)
+    again = tmp_path / "again"
+    model = dsv3.load_model(path, dtype=torch.bfloat16, fp8_gemms=True)
+    served = {hf_name(n + ".weight", CFG) for n, m in model.named_modules() if isinstance(m, Fp8WeightLinear)}
+    assert served
+    dsv3.save_model(model, again, fp8=True)
+
+    def tensors(folder):
+        out = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(file, framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+        return out
+
+    a, b = tensors(path), tensors(again)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+    for name in served:  # FP8 layers write back their bytes; the rest (experts, kv_b_proj) are quantised again
+        for t in (name, name + "_scale_inv"):
+            assert torch.equal(a[t].view(torch.uint8) if a[t].dtype == torch.float8_e4m3fn else a[t],
+                               b[t].view(torch.uint8) if b[t].dtype == torch.float8_e4m3fn else b[t]), t
