@@ -239,6 +239,24 @@ class Gate(nn.Module):
         return choice.topk(cfg.num_experts_per_tok, dim=-1).indices
 
 
+class _GatherRows(torch.autograd.Function):
+    """y = x[index] [N*k, D] where each of x's N rows appears exactly k times; `copies` [N*k] lists, row by row, the
+    positions in y of its copies. The gradient is then a gather and a sum over each row's k copies, where plain
+    indexing would scatter-add it with atomics: slower on the GPU, and in an order that varies from run to run."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, copies: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(copies)
+        ctx.k = k
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (copies,) = ctx.saved_tensors
+        rows = grad[copies]
+        return (rows.unflatten(0, (-1, ctx.k)).sum(1) if ctx.k > 1 else rows), None, None, None
+
+
 class Experts(nn.Module):
     """The routed experts, stacked so one grouped GEMM runs them all."""
 
@@ -251,19 +269,20 @@ class Experts(nn.Module):
         # x: [N, D] -> ([N, D], tokens per expert [E])
         n_tok, k = routing.indices.shape
         n_exp = self.gate_up_proj.shape[0]
-        flat = routing.indices.flatten()  # [N*K]
-        order = flat.argsort(stable=True)
+        flat = routing.indices.flatten()  # [N*K] expert of each (token, slot) pair
+        order = flat.argsort(stable=True)  # [N*K] the pairs grouped by expert
+        where = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         # scatter_add rather than bincount: a static output shape keeps torch.compile graphs whole.
         counts = (routing.counts if routing.counts is not None
                   else flat.new_zeros(n_exp).scatter_add_(0, flat, torch.ones_like(flat)))
         offs = counts.cumsum(0).to(torch.int32)
-        token = order // k
-        xs = x[token]  # [N*K, D], rows grouped by expert
+        xs = _GatherRows.apply(x, order // k, where, k)  # [N*K, D], rows grouped by expert
         gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
         ys = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs)  # [N*K, D]
-        ys = ys * routing.weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
-        # Sum the k expert outputs of each token in fp32 (under autocast ys is bf16).
-        out = torch.zeros(n_tok, x.shape[-1], device=x.device, dtype=torch.float32).index_add_(0, token, ys.float())
+        ys = _GatherRows.apply(ys, where, order, 1).unflatten(0, (n_tok, k))  # [N, K, D], back in token order
+        # Each token's k expert outputs, weighted and summed in fp32 (under autocast ys is bf16): a reduction in a
+        # fixed order, so a step is reproducible on the GPU too.
+        out = (ys * routing.weights.unsqueeze(-1).to(ys.dtype)).sum(1, dtype=torch.float32)
         return out.to(ys.dtype), counts
 
 

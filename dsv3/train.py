@@ -236,7 +236,7 @@ class Trainer:
         """Train to max_steps, or pause at step `stop_at` with a checkpoint (resume later with the same config)."""
         deterministic = self.tc.deterministic if self.tc.deterministic is not None else self.device.type == "cpu"
         before = torch.are_deterministic_algorithms_enabled()
-        # Parallel CPU kernels of index_add and index_put accumulate in a varying order otherwise.
+        # Some parallel CPU kernels (scatter-adds such as the embedding's gradient) sum in a varying order otherwise.
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
         try:
             return self._train(stop_at)

@@ -102,21 +102,30 @@ def test_grouped_mm_matches_reference(sizes):
 
 
 def test_experts_match_per_token_loop():
+    # Forward and gradients (input, experts, gate) against the definition, one token and expert at a time.
     cfg = dsv3.ModelConfig.preset("tiny", n_shared_experts=0)
     model = build_model(cfg, seed=0)
     moe = model.layers[1].mlp
-    x = torch.randn(2, 9, cfg.hidden_size)
+    x = torch.randn(2, 9, cfg.hidden_size, requires_grad=True)
+    up = torch.randn(2, 9, cfg.hidden_size)
     y = moe(x)
+    params = [x, moe.experts.gate_up_proj, moe.experts.down_proj, moe.gate.weight]
+    grads = torch.autograd.grad((y * up).sum(), params)
     flat = x.reshape(-1, cfg.hidden_size)
     r = moe.gate(flat)
     inter = cfg.moe_intermediate_size
-    expect = torch.zeros_like(flat)
+    expect = []
     for t in range(flat.shape[0]):
+        out = 0
         for w, e in zip(r.weights[t], r.indices[t]):
             gu = moe.experts.gate_up_proj[e] @ flat[t]
             h = torch.nn.functional.silu(gu[:inter]) * gu[inter:]
-            expect[t] += w * (moe.experts.down_proj[e] @ h)
+            out = out + w * (moe.experts.down_proj[e] @ h)
+        expect.append(out)
+    expect = torch.stack(expect)
     assert torch.allclose(y.reshape(-1, cfg.hidden_size), expect, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad((expect * up.reshape(expect.shape)).sum(), params)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert moe.load.sum() == flat.shape[0] * cfg.num_experts_per_tok
     assert torch.equal(moe.load, torch.bincount(r.indices.flatten(), minlength=cfg.n_routed_experts))
 

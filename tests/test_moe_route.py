@@ -174,8 +174,8 @@ def test_gpu_training_step_same_with_fused_routing(compiled):
     # The trainer's setting: fp32 master weights under bf16 autocast, optionally compiled (the kernel is then the
     # custom op dsv3::moe_select, compared with the same model compiled without it: Inductor's fusions alone round
     # the bf16 activations differently from eager, flipping dozens of near ties in a random tiny model). Loss and
-    # gradients equal up to the nondeterministic summation order of the CUDA index_add_ in Experts.forward; that noise
-    # reaching the next layers' gates may flip a near tie there, hence a couple of differing choices at most.
+    # gradients equal up to summation order (the two graphs fuse and reduce differently); that noise reaching the
+    # next layers' gates may flip a near tie there, hence a couple of differing choices at most.
     model = build_model(dsv3.ModelConfig.preset("tiny"), device="cuda", seed=0)
     ids = torch.randint(0, model.cfg.vocab_size, (4, 256), device="cuda")
 
