@@ -1,35 +1,60 @@
 """Cross-entropy through the output head in chunks of tokens, so [tokens, vocab] logits never exist whole.
 
 With DeepSeek-V3's 129K vocabulary a batch of 32K tokens would need 17 GB of fp32 logits and as much again for
-their gradient. Each chunk's logits are computed, reduced to a loss sum and a count of correct top-1 guesses, and
-dropped; activation checkpointing recomputes them in the backward pass. The cost is one extra head matmul per chunk.
+their gradient. Each chunk's logits are computed, reduced to a loss sum and a count of correct top-1 guesses and,
+when a gradient is wanted, turned in place into the loss's gradient (`ops/cross_entropy.py`), which is multiplied
+straight into the gradients of the chunk's hidden states and of the head weight; then the chunk is dropped. The
+backward pass only scales those two gradients by the loss's upstream gradient. Per chunk that is three head
+matmuls (a plain autograd loss under activation checkpointing needs four) and one read-and-write of the logits in
+their own dtype (bf16 under autocast) instead of fp32 copies, log-softmax tensors and their gradients.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
+
+from .ops.cross_entropy import softmax_grad_
 
 
-def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = F.linear(h, weight).float()  # [n, V]
-    loss = F.cross_entropy(logits, targets, reduction="sum", ignore_index=-100)
-    correct = (logits.argmax(-1) == targets).sum()
-    return loss, correct
+class _HeadLoss(torch.autograd.Function):
+    """(sum of the per-token losses, number of correct top-1 guesses) of hidden [N, D] through weight [V, D]."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                grad_enabled: bool):
+        want_h, want_w = (grad_enabled and need for need in ctx.needs_input_grad[:2])
+        grad_h = torch.empty_like(hidden) if want_h else None  # [N, D]
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None  # [V, D], summed over chunks
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            h = hidden[start:start + chunk_tokens]
+            logits = F.linear(h, weight)  # [n, V], bf16 under autocast
+            row_loss, row_correct = softmax_grad_(logits, targets[start:start + chunk_tokens], want_h or want_w)
+            loss += row_loss.sum()
+            correct += row_correct.sum()
+            if want_h:  # logits now hold d(loss)/d(logits)
+                grad_h[start:start + chunk_tokens] = logits @ weight  # autocast, if on, casts as for F.linear
+            if want_w:
+                grad_w += logits.t() @ h
+        ctx.mark_non_differentiable(correct)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, g_loss: torch.Tensor, _g_correct):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * g_loss.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * g_loss).to(ctx.weight_dtype), None, None, None)
 
 
 def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        chunk_tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden: [N, D], weight: [V, D], targets: [N] (-100 ignored) -> (mean loss, top-1 accuracy) over the
     non-ignored targets."""
-    losses, corrects = [], []
-    for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            loss, correct = torch.utils.checkpoint.checkpoint(_chunk_loss, h, weight, t, use_reentrant=False)
-        else:
-            loss, correct = _chunk_loss(h, weight, t)
-        losses.append(loss)
-        corrects.append(correct)
-    count = (targets != -100).sum().clamp(min=1)
-    return torch.stack(losses).sum() / count, torch.stack(corrects).sum().float().detach() / count
+    # Grad mode is off inside the Function's forward: it is read here, so that evaluation makes no gradients.
+    loss, correct = _HeadLoss.apply(hidden, weight, targets, chunk_tokens, torch.is_grad_enabled())
+    count = (targets >= 0).sum().clamp(min=1)
+    return loss / count, correct.float() / count

@@ -99,6 +99,25 @@ def test_chunked_head_loss_matches_full_logits():
     assert math.isclose(acc.item(), ((hidden @ head.T).argmax(-1) == targets)[mask].float().mean().item())
 
 
+def test_head_loss_under_bf16_autocast_matches_autograd():
+    # The trainer's setting: fp32 hidden states and head weight, bf16 autocast. The fused loss makes its gradients in
+    # the forward pass; autograd through bf16 logits made fp32 is the reference. Under no_grad it makes none.
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(45, 16, generator=gen, requires_grad=True)
+    head = (0.3 * torch.randn(300, 16, generator=gen)).requires_grad_()
+    targets = torch.randint(0, 300, (45,), generator=gen)
+    targets[:4] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = head_cross_entropy(hidden, head, targets, chunk_tokens=16)
+        ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, head).float(), targets)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    for got, want in zip(torch.autograd.grad(loss, (hidden, head)), torch.autograd.grad(ref, (hidden, head))):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    with torch.no_grad():
+        assert not head_cross_entropy(hidden, head, targets)[0].requires_grad
+
+
 def test_exact_resume(dataset, tmp_path):
     straight = tmp_path / "straight"
     Trainer(_tc(dataset, straight), progress=False).train()
