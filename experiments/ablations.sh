@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The balancing and MTP ablations of docs/experiments.md, at equal tokens, on the `small` preset.
-#   bash experiments/ablations.sh CORPUS_DIR OUT_DIR [TOKENS]
+#   bash experiments/ablations.sh CORPUS_DIR OUT_DIR [TOKENS]    # SEQ, BATCH, VOCAB, COMPILE, RUNS may be set
 # Prepares CORPUS_DIR once (a byte-level BPE of VOCAB tokens trained on the training files, 1% of the files held
 # out for validation), then trains three runs on the same data, seed and schedule:
 #   base    aux-loss-free balancing + sequence-wise loss, MTP D=1 (the report's recipe)
 #   nomtp   aux-loss-free balancing, no MTP
 #   auxloss classic auxiliary-loss balancing (no bias update), no MTP
 # Balancing is compared between nomtp and auxloss (neither has MTP), MTP between base and nomtp.
+# RUNS (default "base nomtp auxloss") trains a subset, so that the runs can be split over several shorter sessions
+# on a machine that may be taken back between them; the plots are drawn once all three exist.
 # The three run side by side, spread over the visible GPUs: one run of this size leaves most of an H200 idle
 # (kernel-latency bound), so sharing a GPU costs each run little.
 set -euo pipefail
 corpus=$1; out=$2; tokens=${3:-100000000}
+[[ $tokens =~ ^[0-9]+$ ]] || { echo "ablations.sh: TOKENS must be a number, got '$tokens' (one CORPUS_DIR only)" >&2; exit 2; }
 seq=${SEQ:-1024}; batch=${BATCH:-32}; vocab=${VOCAB:-16384}  # COMPILE=false to skip torch.compile
 steps=$(( (tokens + seq * batch - 1) / (seq * batch) ))
 mkdir -p "$out"
@@ -28,7 +31,13 @@ run() {  # name args...
   CUDA_VISIBLE_DEVICES=$(( i++ % ngpu )) python -m dsv3.cli train "${common[@]}" --out "$out/$name" "$@" \
     > "$out/$name.log" 2>&1 &
 }
-run base; run nomtp --mtp-depth 0; run auxloss --balance aux_loss --mtp-depth 0
+declare -A flags=([base]="" [nomtp]="--mtp-depth 0" [auxloss]="--balance aux_loss --mtp-depth 0")
+for name in ${RUNS:-base nomtp auxloss}; do
+  # shellcheck disable=SC2086  # the flags are words
+  run "$name" ${flags[$name]}
+done
 wait
-python -m dsv3.cli plot "$out/nomtp" "$out/auxloss" --out "$out/plots_balance"
-python -m dsv3.cli plot "$out/base" "$out/nomtp" --out "$out/plots_mtp"
+if [ -d "$out/base" ] && [ -d "$out/nomtp" ] && [ -d "$out/auxloss" ]; then
+  python -m dsv3.cli plot "$out/nomtp" "$out/auxloss" --out "$out/plots_balance"
+  python -m dsv3.cli plot "$out/base" "$out/nomtp" --out "$out/plots_mtp"
+fi
