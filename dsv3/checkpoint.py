@@ -174,6 +174,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
         stored_fp8 = {n[: -len("_scale_inv")] for n in reader.names() if n.endswith("_scale_inv")}
         replace_linears(model, lambda m: not m.endswith("kv_b_proj") and hf_name(m + ".weight", cfg) in stored_fp8,
                         emulate=unsupported is not None)
+        if unsupported is None:
+            ops.cublas_block_scaled(device)  # its one-time self-check syncs: now, not inside a CUDA-graph capture
 
     params = dict(model.named_parameters())
     params.update(model.named_buffers())
