@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .fp8 import FP8, dequantize_weight_blocks, quantize_weight_blocks
-from .fp8_infer import replace_linears
+from .fp8_infer import fp8_served, replace_linears
 from .model import Rotary, Transformer, cast_model
 from .ops import fp8_gemm as ops
 
@@ -172,7 +172,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     unsupported = ops.fp8_unsupported_reason(device)
     if fp8_gemms or (fp8_gemms is None and cfg.quantized_fp8 and unsupported is None):
         stored_fp8 = {n[: -len("_scale_inv")] for n in reader.names() if n.endswith("_scale_inv")}
-        replace_linears(model, lambda m: not m.endswith("kv_b_proj") and hf_name(m + ".weight", cfg) in stored_fp8,
+        replace_linears(model, lambda m: fp8_served(m) and hf_name(m + ".weight", cfg) in stored_fp8,
                         emulate=unsupported is not None)
         if unsupported is None:
             ops.cublas_block_scaled(device)  # its one-time self-check syncs: now, not inside a CUDA-graph capture

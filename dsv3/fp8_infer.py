@@ -3,10 +3,11 @@ blocks are kept as stored, and each product quantises its input per token in 1x1
 block-scaled GEMM as training's Fprop (`ops/fp8_gemm.py`: cuBLASLt where it serves, else Triton). Weights then take
 half the memory and half the bytes per decoded token of bf16.
 
-`load_model(..., fp8_gemms=...)` decides which layers: every linear layer whose weight the checkpoint stores in FP8,
-except `kv_b_proj`, whose two halves the absorbed decode attention reads as bf16 matrices (W_UK folded into the
-query, W_UV into the output). Routed experts stay in bf16 too: their decode path is the fused GEMV kernels of
-`ops/moe_decode.py`, which read bf16 rows. Where the FP8 kernels cannot run, the same numerics are emulated
+`load_model(..., fp8_gemms=...)` decides which layers (`fp8_served`): every linear layer whose weight the
+checkpoint stores in FP8 (attention projections, dense MLPs, MTP's eh_proj), except `kv_b_proj`, whose two halves
+the absorbed decode attention reads as bf16 matrices (W_UK folded into the query, W_UV into the output), and the
+experts, routed and shared: their decode path is the fused GEMV kernels of `ops/moe_decode.py`, which read bf16
+rows (FP8 variants of those kernels are still to come). Where the FP8 kernels cannot run, the same numerics are emulated
 (quantise, dequantise, matmul), which the CPU tests use; the default there is to dequantise at load instead.
 """
 
@@ -58,6 +59,11 @@ class Fp8WeightLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, emulate={self.emulate}"
+
+
+def fp8_served(module_name: str) -> bool:
+    """Whether the linear layer `module_name` (a native name) serves from FP8 when its checkpoint weight is FP8."""
+    return not module_name.endswith("kv_b_proj") and ".shared_experts." not in module_name
 
 
 def replace_linears(model: nn.Module, chosen: Callable[[str], bool], emulate: bool) -> list[str]:
