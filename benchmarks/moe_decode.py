@@ -49,14 +49,11 @@ def random_layers(cfg: dsv3.ModelConfig, n: int, device: torch.device) -> list[M
 
 
 def grouped_path(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    y = moe.experts(x, moe.gate(x))[0]
-    return y if moe.shared_experts is None else y + moe.shared_experts(x)
+    return moe.general(x)[0]
 
 
 def fused_path(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    weights, indices, _, _ = moe_decode.route(moe.gate.logits(x), moe.gate.e_score_correction_bias, moe.route_spec)
-    return moe_decode.experts(x, moe.experts.gate_up_proj, moe.experts.down_proj, weights, indices,
-                              moe.shared_weights())
+    return moe.fused(x)[0]
 
 
 def graph_us_per_layer(path, layers: list[MoE], x: torch.Tensor, iters: int) -> tuple[float, list[torch.Tensor]]:

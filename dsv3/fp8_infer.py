@@ -66,15 +66,12 @@ def fp8_served(module_name: str) -> bool:
     return not module_name.endswith("kv_b_proj") and ".shared_experts." not in module_name
 
 
-def replace_linears(model: nn.Module, chosen: Callable[[str], bool], emulate: bool) -> list[str]:
-    """Swap each nn.Linear whose module name `chosen` accepts for an (empty) Fp8WeightLinear on the same device;
-    returns the swapped names. The caller fills the buffers (load_model does, from the checkpoint)."""
-    swapped = []
+def replace_linears(model: nn.Module, chosen: Callable[[str], bool], emulate: bool) -> None:
+    """Swap each nn.Linear whose module name `chosen` accepts for an (empty) Fp8WeightLinear on the same device.
+    The caller fills the buffers (load_model does, from the checkpoint)."""
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and chosen(name):
             parent, _, leaf = name.rpartition(".")
             fp8 = Fp8WeightLinear(module.in_features, module.out_features, module.bias, emulate,
                                   module.weight.device)
             setattr(model.get_submodule(parent) if parent else model, leaf, fp8)
-            swapped.append(name)
-    return swapped

@@ -296,7 +296,6 @@ class MoE(nn.Module):
         self.load: torch.Tensor | None = None  # [E] tokens per expert in the last forward
         self.routing: Routing | None = None  # kept only while `keep_routing` is set (balance losses, the engine)
         self.keep_routing = False
-        self.route_spec = moe_decode.RouteSpec.from_config(cfg)
 
     def shared_weights(self) -> moe_decode.SharedWeights | None:
         """The shared experts' gate, up and down weights, as the fused kernels read them."""
@@ -313,25 +312,31 @@ class MoE(nn.Module):
                 and w.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)
                 and (s is None or type(s) is MLP and all(type(lin) is nn.Linear and lin.weight.dtype == x.dtype
                                                          for lin in (s.gate_proj, s.up_proj, s.down_proj)))
-                and moe_decode.fits(x.shape[0], self.route_spec.top_k, w.shape[0]))
+                and moe_decode.fits(x.shape[0], self.gate.spec.top_k, w.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if self.decode_path(flat):
-            weights, indices, scores, self.load = moe_decode.route(self.gate.logits(flat),
-                                                                   self.gate.e_score_correction_bias, self.route_spec)
-            routing = Routing(weights, indices, scores)
-            # The shared experts are always-on experts: the same kernels run them, as pairs of weight 1.
-            y = moe_decode.experts(flat, self.experts.gate_up_proj, self.experts.down_proj, weights, indices,
-                                   self.shared_weights())
-        else:
-            routing = self.gate(flat)
-            y, self.load = self.experts(flat, routing)
-            if self.shared_experts is not None:
-                y = y + self.shared_experts(flat)
+        y, routing, self.load = self.fused(flat) if self.decode_path(flat) else self.general(flat)
         self.routing = routing if self.keep_routing else None
         return y.view(shape)
+
+    def general(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing, torch.Tensor]:
+        # x: [N, D] -> (y [N, D], routing, tokens per expert [E]): gate, grouped GEMM experts, shared MLP
+        routing = self.gate(x)
+        y, load = self.experts(x, routing)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y, routing, load
+
+    def fused(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing, torch.Tensor]:
+        # x: [N, D] -> as `general`, through the decode kernels (see decode_path for when they apply)
+        weights, indices, scores, load = moe_decode.route(self.gate.logits(x), self.gate.e_score_correction_bias,
+                                                          self.gate.spec)
+        # The shared experts are always-on experts: the same kernels run them, as pairs of weight 1.
+        y = moe_decode.experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, indices,
+                               self.shared_weights())
+        return y, Routing(weights, indices, scores), load
 
 
 # ---- blocks and the model ----------------------------------------------------------------------------------------

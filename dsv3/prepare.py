@@ -183,10 +183,10 @@ def discover(inputs: Iterable[str | Path], exclude: Path | None = None) -> tuple
         except ValueError as e:
             if named:
                 raise
-            warnings.warn(f"skipping {e}")
-            skipped.append({"path": str(path), "reason": str(e)})
-            continue
-        if _kind(path) == "text" and (reason := _utf8_problem(path)):
+            reason = str(e)
+        else:  # an unreadable text file raises here, named or not
+            reason = _utf8_problem(path) if _kind(path) == "text" else None
+        if reason:
             warnings.warn(f"skipping {path}: {reason}")
             skipped.append({"path": str(path), "reason": reason})
             continue
