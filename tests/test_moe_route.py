@@ -190,5 +190,7 @@ def test_gpu_training_step_same_with_fused_routing(compiled):
     assert sum((a - b).abs().sum().item() for a, b in zip(f_loads, loads)) <= 2 * flips * model.cfg.num_experts_per_tok
     torch.testing.assert_close(f_loss, loss, rtol=1e-3, atol=1e-3)
     for name in grads:
+        if flips and ".experts." in name:
+            continue  # a flipped token's gradient lands on another expert: a lightly used one's changes wholesale
         scale = grads[name].abs().max().item()
         torch.testing.assert_close(f_grads[name], grads[name], rtol=2e-2, atol=2e-2 * scale, msg=name)
