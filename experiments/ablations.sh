@@ -9,12 +9,15 @@
 # Balancing is compared between nomtp and auxloss (neither has MTP), MTP between base and nomtp.
 # RUNS (default "base nomtp auxloss") trains a subset, so that the runs can be split over several shorter sessions
 # on a machine that may be taken back between them; the plots are drawn once all three exist.
-# The three run side by side, spread over the visible GPUs: one run of this size leaves most of an H200 idle
-# (kernel-latency bound), so sharing a GPU costs each run little.
+# Warm-up (6.6M tokens), evaluation spacing (8.2M) and evaluation size (655K tokens) are fixed in tokens, so runs
+# at different batch sizes evaluate at the same points. The runs go side by side, spread over the visible GPUs: one
+# run of this size leaves much of an H200 idle (kernel-latency bound), so sharing a GPU costs each run little
+# (measured on an H200: two runs at batch 64 side by side make about 315K tokens/s each, so the balancing pair's
+# 200M tokens take about 5.5 minutes).
 set -euo pipefail
 corpus=$1; out=$2; tokens=${3:-100000000}
 [[ $tokens =~ ^[0-9]+$ ]] || { echo "ablations.sh: TOKENS must be a number, got '$tokens' (one CORPUS_DIR only)" >&2; exit 2; }
-seq=${SEQ:-1024}; batch=${BATCH:-32}; vocab=${VOCAB:-16384}  # COMPILE=false to skip torch.compile
+seq=${SEQ:-1024}; batch=${BATCH:-64}; vocab=${VOCAB:-16384}  # COMPILE=false to skip torch.compile
 steps=$(( (tokens + seq * batch - 1) / (seq * batch) ))
 mkdir -p "$out"
 if [ ! -f "$out/data/index.json" ]; then
@@ -22,7 +25,8 @@ if [ ! -f "$out/data/index.json" ]; then
     --workers "$(nproc)" 2>&1 | grep -v "^tokenizing" | tail -12
 fi
 common=(--preset small --data "$out/data" --seq-len $seq --micro-batch $batch --batch-size $batch
-        --max-steps $steps --lr 1e-3 --min-lr 1e-4 --warmup-steps 200 --eval-interval 250 --eval-batches 20
+        --max-steps $steps --lr 1e-3 --min-lr 1e-4 --warmup-steps $((6553600 / (seq * batch)))
+        --eval-interval $((8192000 / (seq * batch))) --eval-batches $(( (655360 + seq * batch - 1) / (seq * batch) ))
         --log-interval 25 --save-interval 100000 --no-progress --seed 0 --compile "${COMPILE:-true}")
 ngpu=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
 i=0
