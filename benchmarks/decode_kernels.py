@@ -138,9 +138,11 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128, help="cached tokens per sequence (128)")
     p.add_argument("--compile", action="store_true", help="also count the torch.compile'd step")
     p.add_argument("--device", default=None, help="cuda or cpu (cuda when available)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="keep this many layers (a 16b census on a CPU's memory: the counts are per layer)")
     args = p.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = dsv3.ModelConfig.preset(args.preset)
+    cfg = dsv3.ModelConfig.preset(args.preset, **({} if args.layers is None else {"num_hidden_layers": args.layers}))
     t0 = time.perf_counter()
     model = random_model(cfg, device, torch.bfloat16)  # bf16 on any device: its casts are the GPU's kernels
     print(f"{args.preset}: random weights on {device} in {time.perf_counter() - t0:.0f} s", flush=True)
