@@ -1,5 +1,6 @@
-"""The decode GEMV (`ops.gemv`): the Triton kernel against F.linear on the CPU through Triton's interpreter (awkward
-sizes, bias, several K slices), when the model takes it, and on a GPU eagerly, compiled and through the engine.
+"""The decode GEMVs (`ops.gemv`): the Triton kernels against F.linear and einsum on the CPU through Triton's
+interpreter (awkward sizes, bias, several K slices, the absorbed attention's strided per-head views), when the model
+takes them, and on a GPU eagerly, compiled and in a decode-sized forward.
 
 Triton chooses between interpreter and compiler when a kernel is defined, so `test_under_the_triton_interpreter`
 reruns this file's kernel tests in a subprocess with TRITON_INTERPRET=1.
@@ -43,10 +44,35 @@ def test_under_the_triton_interpreter():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_matches_linear(m, n, k, bias, dtype):
     x, w, b = _inputs(m, n, k, bias, dtype)
-    want = gemv.linear_reference(x.float(), w.float(), None if b is None else b.float())
-    got = gemv.gemv_triton(x, w, b)
+    want = F.linear(x.float(), w.float(), None if b is None else b.float())
+    got = gemv.linear(x, w, b)
     assert got.dtype == dtype and got.shape == (m, n)
     torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def _absorbed_weights(h, nope, v, c, dtype, device="cpu"):
+    # kv_b_proj's weight viewed per head as the decode attention does: W_UK [H, nope, C], W_UV [H, v, C] (views)
+    w = torch.randn(h * (nope + v), c, generator=torch.Generator().manual_seed(h)).to(device, dtype) / c ** 0.5
+    w = w.view(h, nope + v, c)
+    return w[:, :nope], w[:, nope:]
+
+
+# (rows, heads, nope, v, C): the 16b's heads at batch 1, speculative rows of the 1b, awkward sizes
+ABSORBED = [(1, 16, 128, 128, 512), (2, 16, 64, 64, 256), (3, 5, 40, 24, 72)]
+
+
+@interpreted
+@pytest.mark.parametrize("m,h,nope,v,c", ABSORBED)
+def test_kernels_match_the_absorbed_products(m, h, nope, v, c):
+    w_uk, w_uv = _absorbed_weights(h, nope, v, c, torch.bfloat16)
+    gen = torch.Generator().manual_seed(m)
+    q_nope = torch.randn(m, h, nope, generator=gen).bfloat16()
+    o_lat = torch.randn(m, h, c, generator=gen).bfloat16()
+    q_lat = gemv.bmm_nn(q_nope, w_uk)  # [M, H, C]
+    out = gemv.bmm_nt(o_lat, w_uv)  # [M, H, v]
+    torch.testing.assert_close(q_lat.float(), gemv.bmm_nn_reference(q_nope.float(), w_uk.float()),
+                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.float(), gemv.bmm_nt_reference(o_lat.float(), w_uv.float()), rtol=1e-2, atol=1e-2)
 
 
 def test_slices_cover_k_once():
@@ -79,6 +105,23 @@ def test_gpu_gemv_eager_and_compiled(m, n, k, bias):
         compiled = torch.compile(lambda x: gemv.linear(x, w, b) * 2, fullgraph=True)(x)
     torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(compiled.float(), 2 * got.float(), rtol=1e-2, atol=1e-2)
+
+
+@gpu
+@pytest.mark.parametrize("m,h,nope,v,c", ABSORBED)
+def test_gpu_absorbed_products_eager_and_compiled(m, h, nope, v, c):
+    w_uk, w_uv = _absorbed_weights(h, nope, v, c, torch.bfloat16, "cuda")
+    q_nope = torch.randn(m, h, nope, device="cuda").bfloat16()
+    o_lat = torch.randn(m, h, c, device="cuda").bfloat16()
+    with torch.no_grad():
+        assert gemv.applies(q_nope, w_uk) and gemv.applies(o_lat, w_uv)
+        got = gemv.bmm_nn(q_nope, w_uk), gemv.bmm_nt(o_lat, w_uv)
+        compiled = torch.compile(lambda q, o: (gemv.bmm_nn(q, w_uk), gemv.bmm_nt(o, w_uv)), fullgraph=True)(
+            q_nope, o_lat)
+    want = gemv.bmm_nn_reference(q_nope.float(), w_uk.float()), gemv.bmm_nt_reference(o_lat.float(), w_uv.float())
+    for a, b, w in zip(got, compiled, want):
+        torch.testing.assert_close(a.float(), w, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-2)
 
 
 @gpu
