@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .fp8 import FP8, dequantize_weight_blocks, quantize_weight_blocks
-from .fp8_infer import fp8_served, replace_linears
+from .fp8_infer import fp8_served, replace_experts, replace_linears
 from .model import Rotary, Transformer, cast_model
 from .ops import fp8_gemm as ops
 
@@ -57,10 +57,13 @@ NAME_TABLE: list[tuple[str, str]] = [
 ]
 # Tensors of MTP layer {L} that dsv3 shares with the main model: (HF suffix, native name).
 MTP_SHARED = [("embed_tokens.weight", "embed_tokens.weight"), ("shared_head.head.weight", "lm_head.weight")]
-# Stacked expert tensor -> per-expert HF matrices: (native suffix, [(HF name, row slice in units of I)]).
+# Stacked expert tensor -> per-expert HF matrices: (native suffix, [(HF name, row slice in units of I)]). The last
+# two are FP8 serving's (`Fp8WeightExperts`: one stack per projection), whose `_scale_inv` stacks split likewise.
 EXPERT_SPLIT = {
     "mlp.experts.gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
     "mlp.experts.down_proj": [("down_proj", None)],
+    "mlp.experts.gate_proj": [("gate_proj", None)],
+    "mlp.experts.up_proj": [("up_proj", None)],
 }
 NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|norm|layernorm|mlp\.gate)\.weight$")
 
@@ -74,21 +77,32 @@ def hf_name(native: str, cfg: ModelConfig) -> str:
     raise KeyError(f"no HF name for native tensor {native!r}")
 
 
+def _expert_stack(native: str, cfg: ModelConfig) -> tuple[str, str, str] | None:
+    """For a stacked expert tensor: (its EXPERT_SPLIT key, the HF prefix "...mlp.experts.", the HF tail "weight"
+    or "weight_scale_inv"); None for any other tensor."""
+    base = native.removesuffix("_scale_inv")
+    stacked = next((s for s in EXPERT_SPLIT if base.endswith(s)), None)
+    if stacked is None:
+        return None
+    tail = "weight" if base == native else "weight_scale_inv"
+    return stacked, hf_name(base, cfg)[: -len(stacked.split(".")[-1])], tail
+
+
 def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's tensors under their HF checkpoint names (experts split, MTP's shared tensors repeated)."""
     cfg = model.cfg
     state = model.state_dict()
     for native, tensor in state.items():
-        stacked = next((s for s in EXPERT_SPLIT if native.endswith(s)), None)
-        if stacked is None:
+        found = _expert_stack(native, cfg)
+        if found is None:
             yield hf_name(native, cfg), tensor
             continue
-        prefix = hf_name(native, cfg)[: -len(stacked.split(".")[-1])]  # "...mlp.experts."
+        stacked, prefix, tail = found
         inter = cfg.moe_intermediate_size
         for e in range(tensor.shape[0]):
             for proj, part in EXPERT_SPLIT[stacked]:
                 rows = tensor[e] if part is None else tensor[e, part * inter:(part + 1) * inter]
-                yield f"{prefix}{e}.{proj}.weight", rows
+                yield f"{prefix}{e}.{proj}.{tail}", rows
     for k in range(len(model.mtp)):
         for suffix, native in MTP_SHARED:
             yield f"model.layers.{cfg.num_hidden_layers + k}.{suffix}", state[native]
@@ -174,6 +188,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
         stored_fp8 = {n[: -len("_scale_inv")] for n in reader.names() if n.endswith("_scale_inv")}
         replace_linears(model, lambda m: fp8_served(m) and hf_name(m + ".weight", cfg) in stored_fp8,
                         emulate=unsupported is not None)
+        if any(".mlp.experts." in n for n in stored_fp8):
+            replace_experts(model, emulate=unsupported is not None)
         if unsupported is None:
             ops.cublas_block_scaled(device)  # its one-time self-check syncs: now, not inside a CUDA-graph capture
 
@@ -183,8 +199,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     for native, target in params.items():
         if native.startswith("rotary."):
             continue
-        stacked = next((s for s in EXPERT_SPLIT if native.endswith(s)), None)
-        if stacked is None:
+        found = _expert_stack(native, cfg)
+        if found is None:
             name = hf_name(native, cfg)
             expected.add(name)
             if target.dtype == FP8:  # an Fp8WeightLinear's weight, kept as stored
@@ -193,14 +209,17 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
             else:
                 _copy_in(reader, name, target)
             continue
-        prefix = hf_name(native, cfg)[: -len(stacked.split(".")[-1])]
+        stacked, prefix, tail = found
         inter = cfg.moe_intermediate_size
         for e in range(target.shape[0]):
             for proj, part in EXPERT_SPLIT[stacked]:
-                name = f"{prefix}{e}.{proj}.weight"
+                name = f"{prefix}{e}.{proj}.{tail}"
                 expected.add(name)
                 dest = target.data[e] if part is None else target.data[e, part * inter:(part + 1) * inter]
-                _copy_in(reader, name, dest)
+                if target.dtype == FP8:  # an Fp8WeightExperts stack, kept as stored
+                    _copy_in_fp8(reader, name, dest, model.get_submodule(native.rpartition(".")[0]).shape(proj))
+                else:
+                    _copy_in(reader, name, dest)
     for k in range(len(model.mtp)):
         for suffix, native in MTP_SHARED:
             name = f"model.layers.{cfg.num_hidden_layers + k}.{suffix}"

@@ -19,15 +19,13 @@ Notable features:
 
 from __future__ import annotations
 
-import contextvars
-import types
 import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import model as model_module
 from .model import Experts
 from .ops import fp8_gemm as ops
 
@@ -122,36 +120,17 @@ class Fp8Linear(nn.Linear):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-_ACTIVE_EXPERTS: contextvars.ContextVar[Fp8Experts] = contextvars.ContextVar("fp8_experts")
-
-
-def _grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return _ACTIVE_EXPERTS.get().grouped_mm(x, w, offs)
-
-
-# Experts.forward's own code, run with its global `grouped_mm` bound to the FP8 version: dispatch, expert weighting
-# and combine stay in one place (model.py), so the FP8 path cannot drift from the bf16 one and model.py needs no
-# FP8 hook. The module being run is passed through a context variable.
-_experts_forward = types.FunctionType(Experts.forward.__code__, {**vars(model_module), "grouped_mm": _grouped_mm_fp8},
-                                      "forward", Experts.forward.__defaults__, Experts.forward.__closure__)
-
-
 class Fp8Experts(Experts):
-    """Routed experts whose two grouped GEMMs (gate/up and down) run in FP8; made by apply_fp8 from Experts."""
+    """Routed experts whose two grouped GEMMs (gate/up and down) run in FP8; made by apply_fp8 from Experts.
+    Dispatch, expert weighting and combine are Experts.forward's own: only `mlp` differs."""
 
     fp8: Fp8Settings
     _fp8_cache: _WeightCache
 
-    def forward(self, x: torch.Tensor, routing: model_module.Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        token = _ACTIVE_EXPERTS.set(self)
-        try:
-            return _experts_forward(self, x, routing)
-        finally:
-            _ACTIVE_EXPERTS.reset(token)
-
-    def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        # x: [M, K] rows sorted by expert; w: [E, K, N], the transposed view Experts.forward passes; offs: [E]
-        return _fp8_matmul(x, w.transpose(1, 2), offs, self.fp8, self._fp8_cache)
+    def mlp(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        # xs: [M, D] rows grouped by expert; offs: [E] -> [M, D]
+        gate, up = _fp8_matmul(xs, self.gate_up_proj, offs, self.fp8, self._fp8_cache).chunk(2, dim=-1)
+        return _fp8_matmul(F.silu(gate) * up, self.down_proj, offs, self.fp8, self._fp8_cache)
 
 
 def apply_fp8(model: nn.Module, emulate: bool | None = None, pow2_scales: bool = False) -> nn.Module:

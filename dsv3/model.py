@@ -279,7 +279,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [N, D] -> ([N, D], tokens per expert [E])
         n_tok, k = routing.indices.shape
-        n_exp = self.gate_up_proj.shape[0]
+        n_exp = routing.scores.shape[-1]
         flat = routing.indices.flatten()  # [N*K] expert of each (token, slot) pair
         order = flat.argsort(stable=True)  # [N*K] the pairs grouped by expert
         where = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
@@ -288,13 +288,18 @@ class Experts(nn.Module):
                   else flat.new_zeros(n_exp).scatter_add_(0, flat, torch.ones_like(flat)))
         offs = counts.cumsum(0).to(torch.int32)
         xs = _GatherRows.apply(x, order // k, where, k)  # [N*K, D], rows grouped by expert
-        gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
-        ys = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs)  # [N*K, D]
+        ys = self.mlp(xs, offs)  # [N*K, D]
         ys = _GatherRows.apply(ys, where, order, 1).unflatten(0, (n_tok, k))  # [N, K, D], back in token order
         # Each token's k expert outputs, weighted and summed in fp32 (under autocast ys is bf16): a reduction in a
         # fixed order, so a step is reproducible on the GPU too.
         out = (ys * routing.weights.unsqueeze(-1).to(ys.dtype)).sum(1, dtype=torch.float32)
         return out.to(ys.dtype), counts
+
+    def mlp(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        # xs: [M, D] rows grouped by expert, offs: [E] int32 group ends -> [M, D], each row through its expert.
+        # The one place FP8 variants (training's Fp8Experts, serving's Fp8WeightExperts) differ from this class.
+        gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs)
 
 
 class MoE(nn.Module):
@@ -317,9 +322,10 @@ class MoE(nn.Module):
         """Whether x [N, D] takes the fused decode kernels: inference (no grad) on CUDA with Triton, bf16/fp16
         activations and experts (routed and shared) of the same dtype (plain Experts and nn.Linear: a subclass such
         as FP8's keeps its own forward), no autocast, and few enough tokens (`moe_decode.fits`)."""
+        if type(self.experts) is not Experts:
+            return False
         w, s = self.experts.gate_up_proj, self.shared_experts
-        return (not torch.is_grad_enabled() and type(self.experts) is Experts
-                and moe_decode.triton_available(x.device) and x.dtype in (torch.bfloat16, torch.float16)
+        return (not torch.is_grad_enabled() and moe_decode.triton_available(x.device) and x.dtype in (torch.bfloat16, torch.float16)
                 and w.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)
                 and (s is None or type(s) is MLP and all(type(lin) is nn.Linear and lin.weight.dtype == x.dtype
                                                          for lin in (s.gate_proj, s.up_proj, s.down_proj)))

@@ -1,6 +1,6 @@
 """Serving FP8 checkpoints through FP8 GEMMs (dsv3.fp8_infer), emulated on the CPU: the layer against its
-reference, which layers load as FP8, logits against the dequantised model, the engine against a naive loop, and the
-checkpoint written back unchanged."""
+reference (linear layers and routed experts), which layers load as FP8, logits against the dequantised model, the
+engine against a naive loop, and the checkpoint written back unchanged."""
 
 import torch
 from safetensors import safe_open
@@ -10,8 +10,8 @@ import dsv3
 from dsv3.checkpoint import hf_name
 from dsv3.engine import Engine, SamplingParams
 from dsv3.fp8 import dequantize_blocks, dequantize_weight_blocks, quantize_blocks, quantize_weight_blocks
-from dsv3.fp8_infer import Fp8WeightLinear
-from dsv3.model import build_model
+from dsv3.fp8_infer import Fp8WeightExperts, Fp8WeightLinear
+from dsv3.model import Experts, build_model
 
 CFG = dsv3.ModelConfig.preset("tiny", num_hidden_layers=2)
 
@@ -34,6 +34,45 @@ def test_layer_is_its_reference_and_close_to_the_bf16_product():
     assert layer(x[:, :0]).shape == (3, 0, 200)
 
 
+def test_experts_are_their_reference():
+    # Each expert's gate, up and down products equal quantise -> dequantise -> matmul with its own weights; the
+    # padded sizes (I = 64 -> 128, D = 200 -> 256) add nothing.
+    g = torch.Generator().manual_seed(3)
+    n, dim, inter = 3, 200, 64
+    bf16 = Experts(n, dim, inter)
+    with torch.no_grad():
+        for p in bf16.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    fp8 = Fp8WeightExperts(n, dim, inter, emulate=True, device=torch.device("cpu"))
+    deq = {}  # part -> [E, N, K] fp32, the dequantised stored weights
+    for part, w in [("gate_proj", bf16.gate_up_proj[:, :inter]), ("up_proj", bf16.gate_up_proj[:, inter:]),
+                    ("down_proj", bf16.down_proj)]:
+        for e in range(n):
+            q, scale_inv = quantize_weight_blocks(w[e].detach())
+            getattr(fp8, part)[e, : q.shape[0], : q.shape[1]] = q
+            getattr(fp8, part + "_scale_inv")[e] = scale_inv
+        deq[part] = torch.stack([dequantize_weight_blocks(getattr(fp8, part)[e], getattr(fp8, part + "_scale_inv")[e],
+                                                          torch.float32)[: w.shape[1], : w.shape[2]]
+                                 for e in range(n)])
+    xs = torch.randn(7, dim, generator=g)
+    offs = torch.tensor([3, 3, 7], dtype=torch.int32)  # expert 1 gets no rows
+    ends = [0, 3, 3, 7]
+
+    def act(x):  # per token, 1x128 tiles
+        return dequantize_blocks(*quantize_blocks(x, 1, 128))[:, : x.shape[1]]
+
+    want = []
+    for e in (0, 2):  # expert 1 has no rows
+        x = act(xs[ends[e]:ends[e + 1]])
+        h = torch.nn.functional.silu(x @ deq["gate_proj"][e].t()) * (x @ deq["up_proj"][e].t())
+        want.append(act(h) @ deq["down_proj"][e].t())
+    got = fp8.mlp(xs, offs)
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-4)
+    exact = bf16.mlp(xs, offs).detach()
+    assert ((got - exact).norm() / exact.norm()).item() < 0.1
+    assert fp8.mlp(xs[:0], torch.zeros(3, dtype=torch.int32)).shape == (0, dim)
+
+
 def _fp8_checkpoint(tmp_path):
     path = tmp_path / "fp8"
     dsv3.save_model(build_model(CFG, seed=0), path, fp8=True)
@@ -50,8 +89,11 @@ def test_fp8_layers_and_logits(tmp_path):
     assert isinstance(attn.kv_a_proj_with_mqa, Fp8WeightLinear) and isinstance(attn.o_proj, Fp8WeightLinear)
     assert type(attn.kv_b_proj) is nn.Linear  # the absorbed decode attention reads its bf16 halves
     assert "layers.0.mlp.down_proj" in fp8 and "mtp.0.eh_proj" in fp8  # a dense MLP, MTP's projection
-    # The experts, routed and shared, stay bf16 for the fused decode kernels; head and router are never FP8.
-    assert not any("experts" in n or n.endswith("mlp.gate") or n == "lm_head" for n in fp8)
+    # The shared experts stay bf16 for the fused decode kernels; head and router are never FP8.
+    assert not any("shared_experts" in n or n.endswith("mlp.gate") or n == "lm_head" for n in fp8)
+    # The routed experts (MTP's too) are served from their stored FP8 weights.
+    experts = [m for m in model.modules() if isinstance(m, (Experts, Fp8WeightExperts))]
+    assert len(experts) == len(model.moe_layers()) and all(type(m) is Fp8WeightExperts for m in experts)
     ids = torch.randint(0, CFG.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got, want = model(ids), plain(ids)
@@ -82,6 +124,9 @@ def test_saving_an_fp8_serving_model_writes_the_checkpoint_back(tmp_path):
     again = tmp_path / "again"
     model = dsv3.load_model(path, dtype=torch.bfloat16, fp8_gemms=True)
     served = {hf_name(n + ".weight", CFG) for n, m in model.named_modules() if isinstance(m, Fp8WeightLinear)}
+    served |= {f"{hf_name(n + '.gate_proj', CFG)[: -len('gate_proj')]}{e}.{part}.weight"
+               for n, m in model.named_modules() if isinstance(m, Fp8WeightExperts)
+               for e in range(CFG.n_routed_experts) for part in Fp8WeightExperts.PARTS}
     assert served
     dsv3.save_model(model, again, fp8=True)
 
@@ -96,7 +141,7 @@ def test_saving_an_fp8_serving_model_writes_the_checkpoint_back(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-    for name in served:  # FP8 layers write back their bytes; the rest (experts, kv_b_proj) are quantised again
+    for name in served:  # FP8 layers write back their bytes; the rest (shared experts, kv_b_proj) quantise again
         for t in (name, name + "_scale_inv"):
             assert torch.equal(a[t].view(torch.uint8) if a[t].dtype == torch.float8_e4m3fn else a[t],
                                b[t].view(torch.uint8) if b[t].dtype == torch.float8_e4m3fn else b[t]), t

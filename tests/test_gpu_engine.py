@@ -97,7 +97,7 @@ def test_compiled_step_in_cuda_graphs_tracks_the_full_forward(speculative):
 
 
 def test_fp8_checkpoint_serves_through_fp8_gemms(tmp_path):
-    from dsv3.fp8_infer import Fp8WeightLinear
+    from dsv3.fp8_infer import Fp8WeightExperts, Fp8WeightLinear
     from dsv3.ops.fp8_gemm import fp8_unsupported_reason
 
     if reason := fp8_unsupported_reason(torch.device("cuda")):
@@ -118,6 +118,18 @@ def test_fp8_checkpoint_serves_through_fp8_gemms(tmp_path):
             layer.emulate = True
             want = layer(x).float()
             layer.emulate = False
+            assert ((got - want).norm() / want.norm()).item() < 5e-3
+        # The routed experts likewise, through the grouped FP8 GEMM (experts with no rows included).
+        experts = [m for m in model.modules() if isinstance(m, Fp8WeightExperts)]
+        assert experts and not any(m.emulate for m in experts)
+        n_exp = model.cfg.n_routed_experts
+        offs = torch.linspace(0, 37, n_exp).round().int().cuda()
+        for m in experts:
+            xs = torch.randn(37, m.dim, generator=gen).cuda().bfloat16()
+            got = m.mlp(xs, offs).float()
+            m.emulate = True
+            want = m.mlp(xs, offs).float()
+            m.emulate = False
             assert ((got - want).norm() / want.norm()).item() < 5e-3
     prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in (3, 40)]
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (16, 6)]

@@ -119,7 +119,7 @@ class ModelRunner:
     def _expert_load(self, valid: torch.Tensor) -> torch.Tensor | None:
         if not self.moes:
             return None
-        n_layers, n_exp = len(self.moes), self.moes[0].experts.gate_up_proj.shape[0]
+        n_layers, n_exp = len(self.moes), self.model.cfg.n_routed_experts
         # One scatter for all layers: layer l's expert e counts in bin l * E + e.
         idx = torch.stack([moe.routing.indices for moe in self.moes])  # [L, R, K]
         idx = idx + torch.arange(n_layers, device=idx.device).view(-1, 1, 1) * n_exp
