@@ -57,13 +57,11 @@ NAME_TABLE: list[tuple[str, str]] = [
 ]
 # Tensors of MTP layer {L} that dsv3 shares with the main model: (HF suffix, native name).
 MTP_SHARED = [("embed_tokens.weight", "embed_tokens.weight"), ("shared_head.head.weight", "lm_head.weight")]
-# Stacked expert tensor -> per-expert HF matrices: (native suffix, [(HF name, row slice in units of I)]). The last
-# two are FP8 serving's (`Fp8WeightExperts`: one stack per projection), whose `_scale_inv` stacks split likewise.
+# Stacked expert tensor -> per-expert HF matrices: (native suffix, [(HF name, which half of the rows)]). FP8
+# serving's stacks (`Fp8WeightExperts`) and their `_scale_inv` grids split the same way.
 EXPERT_SPLIT = {
     "mlp.experts.gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
     "mlp.experts.down_proj": [("down_proj", None)],
-    "mlp.experts.gate_proj": [("gate_proj", None)],
-    "mlp.experts.up_proj": [("up_proj", None)],
 }
 NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|norm|layernorm|mlp\.gate)\.weight$")
 
@@ -98,10 +96,10 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
             yield hf_name(native, cfg), tensor
             continue
         stacked, prefix, tail = found
-        inter = cfg.moe_intermediate_size
+        half = tensor.shape[1] // 2  # I rows of weights, or the scale rows of I
         for e in range(tensor.shape[0]):
             for proj, part in EXPERT_SPLIT[stacked]:
-                rows = tensor[e] if part is None else tensor[e, part * inter:(part + 1) * inter]
+                rows = tensor[e] if part is None else tensor[e, part * half:(part + 1) * half]
                 yield f"{prefix}{e}.{proj}.{tail}", rows
     for k in range(len(model.mtp)):
         for suffix, native in MTP_SHARED:
@@ -210,14 +208,16 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
                 _copy_in(reader, name, target)
             continue
         stacked, prefix, tail = found
-        inter = cfg.moe_intermediate_size
+        half = target.shape[1] // 2  # I rows (Ip for an FP8 stack, whose halves are padded), or their scale rows
+        owner = model.get_submodule(native.rpartition(".")[0])
         for e in range(target.shape[0]):
             for proj, part in EXPERT_SPLIT[stacked]:
                 name = f"{prefix}{e}.{proj}.{tail}"
                 expected.add(name)
-                dest = target.data[e] if part is None else target.data[e, part * inter:(part + 1) * inter]
+                dest = target.data[e] if part is None else target.data[e, part * half:(part + 1) * half]
                 if target.dtype == FP8:  # an Fp8WeightExperts stack, kept as stored
-                    _copy_in_fp8(reader, name, dest, model.get_submodule(native.rpartition(".")[0]).shape(proj))
+                    shape = (owner.dim, owner.inter) if part is None else (owner.inter, owner.dim)
+                    _copy_in_fp8(reader, name, dest, shape)
                 else:
                     _copy_in(reader, name, dest)
     for k in range(len(model.mtp)):

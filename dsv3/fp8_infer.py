@@ -6,13 +6,14 @@ half the memory and half the bytes per decoded token of bf16.
 `load_model(..., fp8_gemms=...)` decides which layers (`fp8_served`): every linear layer whose weight the
 checkpoint stores in FP8 (attention projections, dense MLPs, MTP's eh_proj), except `kv_b_proj`, whose two halves
 the absorbed decode attention reads as bf16 matrices (W_UK folded into the query, W_UV into the output), and the
-shared experts, which ride in the fused decode kernels of `ops/moe_decode.py` (bf16 rows). The routed experts
+shared experts, which ride in the fused decode kernels of `ops/moe_decode.py` as bf16 rows. The routed experts
 become `Fp8WeightExperts`: each expert's gate, up and down weights as stored, run through the grouped form of the
-same GEMM (one group per expert, the rows sorted by `Experts.forward`'s dispatch). That halves the memory of the
-part of the model that dominates it (the experts are ~95% of DeepSeek-V3's weights); at decode batch sizes those
-layers take the grouped path instead of the bf16 GEMV kernels (FP8 variants of those are still to come). Where
-the FP8 kernels cannot run, the same numerics are emulated (quantise, dequantise, matmul), which the CPU tests use;
-the default there is to dequantise at load instead.
+same GEMM (one group per expert, the rows sorted by `Experts.forward`'s dispatch) and, at decode batch sizes,
+through the fused expert kernels, which scale each FP8 weight by its block's scale as they read it. That halves
+the memory of the part of the model that dominates it (the experts are ~95% of DeepSeek-V3's weights) and the
+bytes a decode step reads from it. Activations are quantised per token for the GEMMs, not for the decode kernels
+(bf16 activations times FP8 weights there). Where the FP8 kernels cannot run, the same numerics are emulated
+(quantise, dequantise, matmul), which the CPU tests use; the default there is to dequantise at load instead.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 from .fp8 import BLOCK, FP8
 from .model import Experts
 from .ops import fp8_gemm as ops
+from .ops import moe_decode
 
 
 class Fp8WeightLinear(nn.Module):
@@ -61,42 +63,44 @@ class Fp8WeightLinear(nn.Module):
 
 
 class Fp8WeightExperts(Experts):
-    """The routed experts of an FP8 checkpoint, as stored: buffers `gate_proj`, `up_proj` e4m3 [E, Ip, Dp] and
-    `down_proj` [E, Dp, Ip] (each expert's [I, D] / [D, I] zero-padded to whole 128x128 blocks) with their
-    `*_scale_inv` fp32 block grids. Dispatch, weighting and combine are Experts.forward's; `mlp` runs the grouped
-    FP8 GEMMs."""
-
-    PARTS = ("gate_proj", "up_proj", "down_proj")
+    """The routed experts of an FP8 checkpoint, as stored: buffers `gate_up_proj` e4m3 [E, 2Ip, Dp] (each expert's
+    gate rows from 0, its up rows from Ip) and `down_proj` [E, Dp, Ip], every stored [I, D] / [D, I] matrix
+    zero-padded to whole 128x128 blocks, with their `*_scale_inv` fp32 block grids. Dispatch, weighting and combine
+    are Experts.forward's; `mlp` runs the grouped FP8 GEMMs, and at decode sizes the fused expert kernels read the
+    FP8 stacks directly (`decode_weights`)."""
 
     def __init__(self, n: int, dim: int, inter: int, emulate: bool, device: torch.device):
         nn.Module.__init__(self)  # not Experts.__init__: no bf16 parameters
         self.dim, self.inter, self.emulate = dim, inter, emulate
         dp, ip = ops.padded(dim), ops.padded(inter)
-        for name, (rows, cols) in zip(self.PARTS, [(ip, dp), (ip, dp), (dp, ip)]):
+        for name, (rows, cols) in [("gate_up_proj", (2 * ip, dp)), ("down_proj", (dp, ip))]:
             self.register_buffer(name, torch.zeros((n, rows, cols), dtype=FP8, device=device))
             self.register_buffer(name + "_scale_inv", torch.ones((n, rows // BLOCK, cols // BLOCK), device=device))
-
-    def shape(self, part: str) -> tuple[int, int]:
-        """An expert's stored [N, K] for `part`, without the padding."""
-        return (self.dim, self.inter) if part == "down_proj" else (self.inter, self.dim)
 
     def mlp(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         # xs: [M, D] rows grouped by expert, offs: [E] int32 group ends -> [M, D]
         tiles = ops.row_tiles(xs.shape[0], offs)
-        gate, up = (_fp8_product(xs, getattr(self, p), getattr(self, p + "_scale_inv"), tiles, self.inter,
-                                 self.emulate) for p in ("gate_proj", "up_proj"))
-        return _fp8_product(F.silu(gate) * up, self.down_proj, self.down_proj_scale_inv, tiles, self.dim,
-                            self.emulate)
+        ip = self.gate_up_proj.shape[1] // 2
+        gate_up = _fp8_product(xs, self.gate_up_proj, self.gate_up_proj_scale_inv, tiles, 2 * ip, self.emulate)
+        h = F.silu(gate_up[:, : self.inter]) * gate_up[:, ip: ip + self.inter]  # [M, I]
+        return _fp8_product(h, self.down_proj, self.down_proj_scale_inv, tiles, self.dim, self.emulate)
+
+    def decode_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, moe_decode.Fp8Experts] | None:
+        if self.emulate:
+            return None
+        scales = moe_decode.Fp8Experts(self.gate_up_proj_scale_inv, self.down_proj_scale_inv, self.inter)
+        return self.gate_up_proj, self.down_proj, scales
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # The checkpoint's layout: each weight without its padding (the scale grids are the same either way).
+        # The stacks without their padding, gate rows then up rows as in Experts (the scale grids stay as they are).
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for part in self.PARTS:
-            n, k = self.shape(part)
-            destination[prefix + part] = destination[prefix + part][:, :n, :k]
+        gate_up, ip = destination[prefix + "gate_up_proj"], self.gate_up_proj.shape[1] // 2
+        destination[prefix + "gate_up_proj"] = torch.cat(
+            [gate_up[:, : self.inter, : self.dim], gate_up[:, ip: ip + self.inter, : self.dim]], dim=1)
+        destination[prefix + "down_proj"] = destination[prefix + "down_proj"][:, : self.dim, : self.inter]
 
     def extra_repr(self) -> str:
-        return f"experts={self.gate_proj.shape[0]}, dim={self.dim}, inter={self.inter}, emulate={self.emulate}"
+        return f"experts={self.gate_up_proj.shape[0]}, dim={self.dim}, inter={self.inter}, emulate={self.emulate}"
 
 
 def _fp8_product(x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, tiles: ops.RowTiles, n: int,

@@ -295,6 +295,14 @@ class Experts(nn.Module):
         out = (ys * routing.weights.unsqueeze(-1).to(ys.dtype)).sum(1, dtype=torch.float32)
         return out.to(ys.dtype), counts
 
+    def decode_weights(self, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor, moe_decode.Fp8Experts | None] | None:
+        """(gate_up_proj, down_proj, FP8 scales or None) as the fused decode kernels read them for activations of
+        `dtype`, or None where they cannot (weights of another dtype: fp32 master weights, for one)."""
+        if self.gate_up_proj.dtype != dtype:
+            return None
+        return self.gate_up_proj, self.down_proj, None
+
     def mlp(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         # xs: [M, D] rows grouped by expert, offs: [E] int32 group ends -> [M, D], each row through its expert.
         # The one place FP8 variants (training's Fp8Experts, serving's Fp8WeightExperts) differ from this class.
@@ -320,16 +328,16 @@ class MoE(nn.Module):
 
     def decode_path(self, x: torch.Tensor) -> bool:
         """Whether x [N, D] takes the fused decode kernels: inference (no grad) on CUDA with Triton, bf16/fp16
-        activations and experts (routed and shared) of the same dtype (plain Experts and nn.Linear: a subclass such
-        as FP8's keeps its own forward), no autocast, and few enough tokens (`moe_decode.fits`)."""
-        if type(self.experts) is not Experts:
-            return False
-        w, s = self.experts.gate_up_proj, self.shared_experts
-        return (not torch.is_grad_enabled() and moe_decode.triton_available(x.device) and x.dtype in (torch.bfloat16, torch.float16)
-                and w.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)
+        activations, routed experts the kernels can read for them (`Experts.decode_weights`: stacks of the same
+        dtype, or FP8 stacks), shared experts as plain nn.Linear of the same dtype, no autocast, and few enough
+        tokens (`moe_decode.fits`)."""
+        s = self.shared_experts
+        return (not torch.is_grad_enabled() and moe_decode.triton_available(x.device)
+                and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(x.device.type)
+                and self.experts.decode_weights(x.dtype) is not None
                 and (s is None or type(s) is MLP and all(type(lin) is nn.Linear and lin.weight.dtype == x.dtype
                                                          for lin in (s.gate_proj, s.up_proj, s.down_proj)))
-                and moe_decode.fits(x.shape[0], self.gate.spec.top_k, w.shape[0]))
+                and moe_decode.fits(x.shape[0], self.gate.spec.top_k, self.gate.cfg.n_routed_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -351,8 +359,8 @@ class MoE(nn.Module):
         weights, indices, scores, load = moe_decode.route(self.gate.logits(x), self.gate.e_score_correction_bias,
                                                           self.gate.spec)
         # The shared experts are always-on experts: the same kernels run them, as pairs of weight 1.
-        y = moe_decode.experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, indices,
-                               self.shared_weights())
+        gate_up, down, fp8 = self.experts.decode_weights(x.dtype)
+        y = moe_decode.experts(x, gate_up, down, weights, indices, self.shared_weights(), fp8)
         return y, Routing(weights, indices, scores), load
 
 

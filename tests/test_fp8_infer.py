@@ -44,15 +44,17 @@ def test_experts_are_their_reference():
         for p in bf16.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     fp8 = Fp8WeightExperts(n, dim, inter, emulate=True, device=torch.device("cpu"))
+    ip = fp8.gate_up_proj.shape[1] // 2
     deq = {}  # part -> [E, N, K] fp32, the dequantised stored weights
-    for part, w in [("gate_proj", bf16.gate_up_proj[:, :inter]), ("up_proj", bf16.gate_up_proj[:, inter:]),
-                    ("down_proj", bf16.down_proj)]:
+    for part, w, row0 in [("gate", bf16.gate_up_proj[:, :inter], 0), ("up", bf16.gate_up_proj[:, inter:], ip),
+                          ("down", bf16.down_proj, 0)]:
+        stack = fp8.down_proj if part == "down" else fp8.gate_up_proj
+        scales = fp8.down_proj_scale_inv if part == "down" else fp8.gate_up_proj_scale_inv
         for e in range(n):
             q, scale_inv = quantize_weight_blocks(w[e].detach())
-            getattr(fp8, part)[e, : q.shape[0], : q.shape[1]] = q
-            getattr(fp8, part + "_scale_inv")[e] = scale_inv
-        deq[part] = torch.stack([dequantize_weight_blocks(getattr(fp8, part)[e], getattr(fp8, part + "_scale_inv")[e],
-                                                          torch.float32)[: w.shape[1], : w.shape[2]]
+            stack[e, row0:row0 + q.shape[0], : q.shape[1]] = q
+            scales[e, row0 // 128:row0 // 128 + scale_inv.shape[0]] = scale_inv
+        deq[part] = torch.stack([dequantize_weight_blocks(*quantize_weight_blocks(w[e].detach()), torch.float32)
                                  for e in range(n)])
     xs = torch.randn(7, dim, generator=g)
     offs = torch.tensor([3, 3, 7], dtype=torch.int32)  # expert 1 gets no rows
@@ -64,13 +66,14 @@ def test_experts_are_their_reference():
     want = []
     for e in (0, 2):  # expert 1 has no rows
         x = act(xs[ends[e]:ends[e + 1]])
-        h = torch.nn.functional.silu(x @ deq["gate_proj"][e].t()) * (x @ deq["up_proj"][e].t())
-        want.append(act(h) @ deq["down_proj"][e].t())
+        h = torch.nn.functional.silu(x @ deq["gate"][e].t()) * (x @ deq["up"][e].t())
+        want.append(act(h) @ deq["down"][e].t())
     got = fp8.mlp(xs, offs)
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-4)
     exact = bf16.mlp(xs, offs).detach()
     assert ((got - exact).norm() / exact.norm()).item() < 0.1
     assert fp8.mlp(xs[:0], torch.zeros(3, dtype=torch.int32)).shape == (0, dim)
+    assert fp8.decode_weights(torch.bfloat16) is None  # emulated: the fused kernels do not apply
 
 
 def _fp8_checkpoint(tmp_path):
@@ -124,9 +127,9 @@ def test_saving_an_fp8_serving_model_writes_the_checkpoint_back(tmp_path):
     again = tmp_path / "again"
     model = dsv3.load_model(path, dtype=torch.bfloat16, fp8_gemms=True)
     served = {hf_name(n + ".weight", CFG) for n, m in model.named_modules() if isinstance(m, Fp8WeightLinear)}
-    served |= {f"{hf_name(n + '.gate_proj', CFG)[: -len('gate_proj')]}{e}.{part}.weight"
-               for n, m in model.named_modules() if isinstance(m, Fp8WeightExperts)
-               for e in range(CFG.n_routed_experts) for part in Fp8WeightExperts.PARTS}
+    served |= {f"{hf_name(n, CFG)}.{e}.{part}.weight" for n, m in model.named_modules()
+               if isinstance(m, Fp8WeightExperts)
+               for e in range(CFG.n_routed_experts) for part in ("gate_proj", "up_proj", "down_proj")}
     assert served
     dsv3.save_model(model, again, fp8=True)
 

@@ -15,6 +15,7 @@ import torch
 import dsv3
 from dsv3.model import Gate, MoE
 from dsv3.ops import moe_decode
+from dsv3.fp8 import FP8, quantize_weight_blocks
 from dsv3.ops.moe_decode import RouteSpec, experts_reference, route_reference
 from tests.conftest import rerun_under_interpreter
 
@@ -135,6 +136,41 @@ def test_experts_kernel(n_shared, t, d, inter, dtype):
         torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=2e-2)
 
 
+def fp8_stacks(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, moe_decode.Fp8Experts]:
+    """bf16-layout experts [E, 2I, D], [E, D, I] as an FP8 checkpoint serves them: e4m3 stacks [E, 2Ip, Dp] (gate
+    rows at 0, up rows at Ip) and [E, Dp, Ip] with each expert's 128x128 block scales."""
+    e, two_i, d = gate_up.shape
+    inter = two_i // 2
+    ip, dp = -(-inter // 128) * 128, -(-d // 128) * 128
+    gu, gu_s = torch.zeros(e, 2 * ip, dp, dtype=FP8), torch.ones(e, 2 * ip // 128, dp // 128)
+    dn, dn_s = torch.zeros(e, dp, ip, dtype=FP8), torch.ones(e, dp // 128, ip // 128)
+    for i in range(e):
+        for part, w in enumerate((gate_up[i, :inter], gate_up[i, inter:])):
+            q, scale = quantize_weight_blocks(w.float())
+            gu[i, part * ip:part * ip + inter, :d] = q
+            gu_s[i, part * ip // 128:(part + 1) * ip // 128] = scale
+        q, scale = quantize_weight_blocks(down[i].float())
+        dn[i, :d, :inter], dn_s[i] = q, scale
+    return gu, dn, moe_decode.Fp8Experts(gu_s, dn_s, inter)
+
+
+@interpreted
+@pytest.mark.parametrize("d,inter", [(96, 80), (200, 144)])  # padded to 128 and 256
+@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("n_shared", [0, 2])
+def test_fp8_experts_kernel(n_shared, t, d, inter):
+    # FP8 routed experts (shared experts bf16): the kernels scale each weight by its block's scale as they read it.
+    x, gate_up, down, weights, indices, shared = _experts_inputs(t, e=16, d=d, inter=inter, k=4,
+                                                                 n_shared=n_shared, dtype=torch.bfloat16, seed=t)
+    gu, dn, fp8 = fp8_stacks(gate_up, down)
+    got = moe_decode.experts_triton(x, gu, dn, weights, indices, shared, fp8)
+    want = experts_reference(x, gu, dn, weights, indices, shared, fp8)
+    assert got.dtype == torch.bfloat16 and got.shape == (t, d)
+    torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=2e-2)
+    exact = experts_reference(x, gate_up, down, weights, indices, shared).float()
+    assert ((got.float() - exact).norm() / exact.norm()).item() < 0.1  # e4m3 weights, bf16 activations
+
+
 @interpreted
 @torch.no_grad()
 @pytest.mark.parametrize("n_shared", [0, 2])
@@ -217,3 +253,19 @@ def test_gpu_fused_moe_in_a_cuda_graph_and_compiled():
         # necessarily bit for bit like the graph replay above.
         torch.testing.assert_close(compiled(fresh).float(), expected.float(),
                                    atol=2e-2 * expected.abs().max().item(), rtol=2e-2)
+
+
+@gpu
+@pytest.mark.parametrize("t", [1, 4])
+def test_gpu_fp8_experts_match_the_reference(t):
+    # The 16b's expert shapes (D 2048, I 1408 -> 1536 padded) from FP8 stacks, two bf16 shared experts, compiled
+    # kernels against the dequantised reference.
+    args = _experts_inputs(t, e=64, d=2048, inter=1408, k=6, n_shared=2, dtype=torch.bfloat16, seed=t)
+    x, gate_up, down, weights, indices, shared = (a.cuda() if a is not None and not isinstance(a, tuple)
+                                                  else a for a in args)
+    shared = tuple(w.cuda() for w in shared)
+    gu, dn, fp8 = fp8_stacks(gate_up.cpu(), down.cpu())
+    fp8 = moe_decode.Fp8Experts(fp8.gate_up_scale_inv.cuda(), fp8.down_scale_inv.cuda(), fp8.inter)
+    got = moe_decode.experts_triton(x, gu.cuda(), dn.cuda(), weights, indices, shared, fp8)
+    want = experts_reference(x, gu.cuda(), dn.cuda(), weights, indices, shared, fp8)
+    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=2e-2)

@@ -26,6 +26,9 @@ gate's fp32 GEMV:
   (n_shared * I wide) becomes n_shared more pairs per token at weight 1, read in place from its nn.Linear weights
   (a second set of pointers; the pair's slot picks the source). Every pair is then the same work, the T = 1 grid
   grows from K to K + n_shared pairs, and the layer needs no separate launches for the shared MLP or the add.
+- FP8 checkpoints' routed experts (`Fp8Experts`): the kernels read the e4m3 stacks as stored (each expert's
+  matrices zero-padded to whole 128x128 blocks) and scale each weight by its block's scale as it is loaded, so a
+  decode step reads half the expert bytes; the activations stay bf16.
 - A GEMV re-reads an expert once per token that chose it, so the fused path pays off while T * K <= E (`fits`);
   above that the grouped GEMM reads each expert once for all its tokens.
 - Graph-safe: shapes are static, nothing syncs with the host. Under torch.compile the kernels are the opaque custom
@@ -46,6 +49,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..fp8 import dequantize_blocks
 
 try:
     import triton
@@ -132,9 +137,33 @@ def route_reference(logits: torch.Tensor, bias: torch.Tensor | None, spec: Route
 SharedWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Fp8Experts:
+    """Routed experts stored in FP8 (serving an FP8 checkpoint): the stacks passed as gate_up_proj [E, 2Ip, Dp] (gate
+    rows at 0, up rows at Ip) and down_proj [E, Dp, Ip] hold e4m3 zero-padded to whole 128x128 blocks; these are
+    their fp32 block scales and the unpadded expert width I. The kernels scale each weight as they load it."""
+
+    gate_up_scale_inv: torch.Tensor  # [E, 2Ip/128, Dp/128]
+    down_scale_inv: torch.Tensor  # [E, Dp/128, Ip/128]
+    inter: int  # I
+
+
+def _dequantized(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, fp8: Fp8Experts, d: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # FP8 stacks -> fp32 [E, 2I, D] and [E, D, I] in the bf16 layout
+    inter, ip = fp8.inter, gate_up_proj.shape[1] // 2
+    gu = dequantize_blocks(gate_up_proj, fp8.gate_up_scale_inv)  # [E, 2Ip, Dp] fp32
+    down = dequantize_blocks(down_proj, fp8.down_scale_inv)  # [E, Dp, Ip]
+    return torch.cat([gu[:, :inter, :d], gu[:, ip:ip + inter, :d]], dim=1), down[:, :d, :inter]
+
+
 def experts_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
-                      indices: torch.Tensor, shared: SharedWeights | None = None) -> torch.Tensor:
-    # x: [T, D], gate_up_proj: [E, 2I, D], down_proj: [E, D, I], weights, indices: [T, K] -> [T, D] in x.dtype
+                      indices: torch.Tensor, shared: SharedWeights | None = None, fp8: Fp8Experts | None = None
+                      ) -> torch.Tensor:
+    # x: [T, D], gate_up_proj: [E, 2I, D], down_proj: [E, D, I] (or FP8 stacks, see Fp8Experts), weights, indices:
+    # [T, K] -> [T, D] in x.dtype
+    if fp8 is not None:
+        gate_up_proj, down_proj = _dequantized(gate_up_proj, down_proj, fp8, x.shape[1])
     t, k = indices.shape
     chosen = indices.flatten()  # [T*K]: pair p is token p // K
     xs = x.float().repeat_interleave(k, dim=0)  # [T*K, D]
@@ -199,33 +228,40 @@ def select_triton(scores: torch.Tensor, bias: torch.Tensor | None, spec: RouteSp
 
 
 def experts_triton(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
-                   indices: torch.Tensor, shared: SharedWeights | None = None) -> torch.Tensor:
+                   indices: torch.Tensor, shared: SharedWeights | None = None, fp8: Fp8Experts | None = None
+                   ) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("the fused expert kernels need the triton package")
     t, d = x.shape
     k = indices.shape[1]
-    inter = down_proj.shape[-1]
-    # Without shared experts the kernels never take their shared branch: any pointers of the right dtype will do.
-    s_gate, s_up, s_down = shared if shared is not None else (gate_up_proj, gate_up_proj, down_proj)
+    inter = down_proj.shape[-1] if fp8 is None else fp8.inter
+    # Row strides and the up rows' offset: the stacks' own (padded, for FP8) sizes.
+    up_row, gu_stride, down_stride = gate_up_proj.shape[1] // 2, gate_up_proj.shape[2], down_proj.shape[2]
+    # Without shared experts the kernels never take their shared branch: any pointers of the right dtype will do;
+    # likewise the scales of bf16 experts.
+    s_gate, s_up, s_down = shared if shared is not None else (x, x, x)
+    gu_scale, down_scale = (fp8.gate_up_scale_inv, fp8.down_scale_inv) if fp8 is not None else (weights, weights)
     ns = 0 if shared is None else s_down.shape[1] // inter
     if not (gate_up_proj.is_contiguous() and down_proj.is_contiguous() and indices.is_contiguous()
-            and weights.is_contiguous() and x.stride(-1) == 1
-            and s_gate.is_contiguous() and s_up.is_contiguous() and s_down.is_contiguous()):
-        raise ValueError("experts_triton wants contiguous weights, indices and routing weights, and x rows")
+            and weights.is_contiguous() and x.stride(-1) == 1 and gu_scale.is_contiguous()
+            and down_scale.is_contiguous() and s_gate.is_contiguous() and s_up.is_contiguous()
+            and s_down.is_contiguous()):
+        raise ValueError("experts_triton wants contiguous weights, scales, indices and routing weights, and x rows")
     if shared is not None and not (ns >= 1 and s_gate.shape == s_up.shape == (ns * inter, d)
                                    and s_down.shape == (d, ns * inter)
-                                   and s_gate.dtype == s_up.dtype == s_down.dtype == gate_up_proj.dtype):
-        raise ValueError("the shared experts must be n * I wide, laid out as nn.Linear, in the experts' dtype")
+                                   and s_gate.dtype == s_up.dtype == s_down.dtype == x.dtype):
+        raise ValueError("the shared experts must be n * I wide, laid out as nn.Linear, in the activations' dtype")
     # Pair p is token p // (K + NS) and its slot p % (K + NS): slots below K are its routed experts (in routing
     # order), the NS after them the shared MLP's I-wide slices, at weight 1. Every pair is the same amount of work.
     pairs = t * (k + ns)
     h = x.new_empty(pairs, inter)  # [T*(K+NS), I]
     _gate_up_kernel[lambda meta: (pairs, triton.cdiv(inter, meta["BLOCK_I"]))](
-        x, gate_up_proj, s_gate, s_up, indices, h, x.stride(0), d, inter, pairs, K=k, NS=ns,
-        **_fixed_meta(_GATE_UP_CONFIGS))
+        x, gate_up_proj, gu_scale, s_gate, s_up, indices, h, x.stride(0), d, inter, up_row, gu_stride, pairs,
+        K=k, NS=ns, FP8=fp8 is not None, **_fixed_meta(_GATE_UP_CONFIGS))
     part = x.new_empty(pairs, d, dtype=torch.float32)  # [T*(K+NS), D]: each pair's output times its weight
     _down_kernel[lambda meta: (pairs, triton.cdiv(d, meta["BLOCK_D"]))](
-        h, down_proj, s_down, indices, weights, part, d, inter, pairs, K=k, NS=ns, **_fixed_meta(_DOWN_CONFIGS))
+        h, down_proj, down_scale, s_down, indices, weights, part, d, inter, down_proj.shape[1], down_stride, pairs,
+        K=k, NS=ns, FP8=fp8 is not None, **_fixed_meta(_DOWN_CONFIGS))
     return part.view(t, k + ns, d).sum(dim=1).to(x.dtype)
 
 
@@ -260,13 +296,16 @@ def _(scores, bias, top_k, n_group, topk_group, group_top2):
 @torch.library.custom_op("dsv3::moe_experts", mutates_args=())
 def _experts_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
                 indices: torch.Tensor, shared_gate: torch.Tensor | None, shared_up: torch.Tensor | None,
-                shared_down: torch.Tensor | None) -> torch.Tensor:
+                shared_down: torch.Tensor | None, gate_up_scale_inv: torch.Tensor | None,
+                down_scale_inv: torch.Tensor | None, inter: int) -> torch.Tensor:
     shared = None if shared_gate is None else (shared_gate, shared_up, shared_down)
-    return experts_triton(x, gate_up_proj, down_proj, weights, indices, shared)
+    fp8 = None if gate_up_scale_inv is None else Fp8Experts(gate_up_scale_inv, down_scale_inv, inter)
+    return experts_triton(x, gate_up_proj, down_proj, weights, indices, shared, fp8)
 
 
 @_experts_op.register_fake
-def _(x, gate_up_proj, down_proj, weights, indices, shared_gate, shared_up, shared_down):
+def _(x, gate_up_proj, down_proj, weights, indices, shared_gate, shared_up, shared_down, gate_up_scale_inv,
+      down_scale_inv, inter):
     return x.new_empty(x.shape)  # [T, D], contiguous
 
 
@@ -289,12 +328,14 @@ def select(scores: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec) -> 
 
 
 def experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
-            indices: torch.Tensor, shared: SharedWeights | None = None) -> torch.Tensor:
-    """The fused expert kernels: x [T, D] through the chosen experts, weighted and summed, plus the shared experts'
-    MLP when given -> [T, D] in x.dtype."""
+            indices: torch.Tensor, shared: SharedWeights | None = None, fp8: Fp8Experts | None = None) -> torch.Tensor:
+    """The fused expert kernels: x [T, D] through the chosen experts (bf16/fp16 stacks in x's dtype, or FP8 stacks
+    with `fp8`), weighted and summed, plus the shared experts' MLP when given -> [T, D] in x.dtype."""
     if torch.compiler.is_compiling():
-        return torch.ops.dsv3.moe_experts(x, gate_up_proj, down_proj, weights, indices, *(shared or (None,) * 3))
-    return experts_triton(x, gate_up_proj, down_proj, weights, indices, shared)
+        scales = (None, None, 0) if fp8 is None else (fp8.gate_up_scale_inv, fp8.down_scale_inv, fp8.inter)
+        return torch.ops.dsv3.moe_experts(x, gate_up_proj, down_proj, weights, indices, *(shared or (None,) * 3),
+                                          *scales)
+    return experts_triton(x, gate_up_proj, down_proj, weights, indices, shared, fp8)
 
 
 # ---- kernels -----------------------------------------------------------------------------------------------------
@@ -386,24 +427,29 @@ if triton is not None:
             tl.store(COUNTS + grp2 * PG + j2, counts, mask=cmask)
 
     @triton.jit
-    def _gate_up_kernel(X, W, SG, SU, IDX, H, stride_x, D, I, n_pairs, K: tl.constexpr, NS: tl.constexpr,
-                        BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _gate_up_kernel(X, W, WS, SG, SU, IDX, H, stride_x, D, I, UP, WD, n_pairs, K: tl.constexpr,
+                        NS: tl.constexpr, FP8: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
         # Program (pair, tile): rows [tile * BLOCK_I, +BLOCK_I) of the gate and of the up projection of one pair's
         # expert (pairs as in `experts_triton`). Pairs vary fastest, so the programs reading one weight tile for
-        # several tokens (an expert they all chose, the shared MLP) run together and mostly hit L2.
+        # several tokens (an expert they all chose, the shared MLP) run together and mostly hit L2. A routed
+        # expert's stack holds gate rows from 0 and up rows from UP, WD elements apart (I and D for bf16; the
+        # padded Ip and Dp for FP8, whose weights are scaled by their 128x128 block's scale as they are loaded).
         pair = tl.program_id(0)
         tok = pair // (K + NS)
         slot = pair % (K + NS)
         rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         rmask = rows < I
-        if slot < K:  # a routed expert of the stacked [E, 2I, D]: I gate rows, then I up rows
-            expert = tl.load(IDX + tok * K + slot).to(tl.int64)
-            w_gate = W + expert * 2 * I * D + rows[:, None] * D  # [BLOCK_I, 1] row starts
-            w_up = w_gate + I * D
+        routed = slot < K
+        expert = tl.load(IDX + tok * K + slot, mask=routed, other=0).to(tl.int64)
+        if routed:  # a routed expert of the stack
+            w_gate = W + expert * 2 * UP * WD + rows[:, None] * WD  # [BLOCK_I, 1] row starts
+            w_up = w_gate + UP * WD
         else:  # I-wide slice slot - K of the shared MLP: its rows of gate_proj and up_proj [NS * I, D]
             first = (slot - K).to(tl.int64) * I * D
             w_gate = SG + first + rows[:, None] * D
             w_up = SU + first + rows[:, None] * D
+        # FP8 block scales of the routed expert's gate and up rows ([E, 2UP/128, WD/128]); shared slots read none.
+        s_rows = WS + expert * (2 * UP // 128) * (WD // 128) + (rows // 128)[:, None] * (WD // 128)
         x_row = X + tok * stride_x
         acc_g = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
@@ -412,38 +458,50 @@ if triton is not None:
             cmask = cols < D
             x = tl.load(x_row + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             m = rmask[:, None] & cmask[None, :]
-            acc_g += tl.load(w_gate + cols[None, :], mask=m, other=0.0).to(tl.float32) * x
-            acc_u += tl.load(w_up + cols[None, :], mask=m, other=0.0).to(tl.float32) * x
+            wg = tl.load(w_gate + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            wu = tl.load(w_up + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            if FP8:
+                if routed:
+                    wg *= tl.load(s_rows + (cols // 128)[None, :], mask=m, other=1.0)
+                    wu *= tl.load(s_rows + (UP // 128) * (WD // 128) + (cols // 128)[None, :], mask=m, other=1.0)
+            acc_g += wg * x
+            acc_u += wu * x
         gate = tl.sum(acc_g, axis=1)
         up = tl.sum(acc_u, axis=1)
         h = gate * tl.sigmoid(gate) * up  # silu(gate) * up
         tl.store(H + pair * I + rows, h.to(H.dtype.element_ty), mask=rmask)
 
     @triton.jit
-    def _down_kernel(H, W, SD, IDX, WTS, Y, D, I, n_pairs, K: tl.constexpr, NS: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
+    def _down_kernel(H, W, WS, SD, IDX, WTS, Y, D, I, DR, WI, n_pairs, K: tl.constexpr, NS: tl.constexpr,
+                     FP8: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
         # Program (pair, tile): outputs [tile * BLOCK_D, +BLOCK_D) of one pair times its routing weight (1 for the
         # shared MLP's slices), in fp32; the launcher sums each token's K + NS pairs. A program per pair rather than
         # per token: at T = 1 the 16b shapes give K + NS times more programs, which a GEMV needs to keep enough
-        # loads in flight.
+        # loads in flight. A routed expert's [DR, WI] matrix is [D, I] for bf16, the padded [Dp, Ip] for FP8.
         pair = tl.program_id(0)
         tok = pair // (K + NS)
         slot = pair % (K + NS)
         rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         rmask = rows < D
-        if slot < K:  # a routed expert of the stacked [E, D, I]
-            expert = tl.load(IDX + tok * K + slot).to(tl.int64)
-            w_rows = W + expert * D * I + rows[:, None] * I  # [BLOCK_D, 1] row starts
+        routed = slot < K
+        expert = tl.load(IDX + tok * K + slot, mask=routed, other=0).to(tl.int64)
+        if routed:  # a routed expert of the stack
+            w_rows = W + expert * DR * WI + rows[:, None] * WI  # [BLOCK_D, 1] row starts
         else:  # columns [(slot - K) * I, +I) of the shared MLP's down_proj [D, NS * I]
             w_rows = SD + (slot - K).to(tl.int64) * I + rows[:, None] * (NS * I)
+        s_rows = WS + expert * (DR // 128) * (WI // 128) + (rows // 128)[:, None] * (WI // 128)
         acc = tl.zeros([BLOCK_D, BLOCK_I], dtype=tl.float32)
         for i0 in range(0, I, BLOCK_I):
             cols = i0 + tl.arange(0, BLOCK_I)
             cmask = cols < I
             h = tl.load(H + pair * I + cols, mask=cmask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            acc += w.to(tl.float32) * h[None, :]
-        weight = tl.load(WTS + tok * K + slot, mask=slot < K, other=1.0)
+            m = rmask[:, None] & cmask[None, :]
+            w = tl.load(w_rows + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            if FP8:
+                if routed:
+                    w *= tl.load(s_rows + (cols // 128)[None, :], mask=m, other=1.0)
+            acc += w * h[None, :]
+        weight = tl.load(WTS + tok * K + slot, mask=routed, other=1.0)
         tl.store(Y + pair * D + rows, tl.sum(acc, axis=1) * weight, mask=rmask)
 
     # Guesses for Hopper bandwidth (H200, 132 SMs), untuned on hardware: a weight tile of 4-8K elements per loop
@@ -466,5 +524,5 @@ if triton is not None:
         triton.Config({"BLOCK_D": 4, "BLOCK_I": 512}, num_warps=2, num_stages=3),
     ]
     if not _INTERPRET:  # the interpreter cannot time configurations
-        _gate_up_kernel = triton.autotune(_GATE_UP_CONFIGS, key=["D", "I", "n_pairs"])(_gate_up_kernel)
-        _down_kernel = triton.autotune(_DOWN_CONFIGS, key=["D", "I", "n_pairs"])(_down_kernel)
+        _gate_up_kernel = triton.autotune(_GATE_UP_CONFIGS, key=["D", "I", "n_pairs", "FP8"])(_gate_up_kernel)
+        _down_kernel = triton.autotune(_DOWN_CONFIGS, key=["D", "I", "n_pairs", "FP8"])(_down_kernel)
