@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from .moe_decode import triton, triton_available
+from .moe_decode import gemv_configs, triton, triton_available
 
 if triton is not None:
     import triton.language as tl
@@ -200,15 +200,7 @@ if triton is not None:
             acc += w.to(tl.float32) * xv[:, None]
         tl.store(Y + (m * NB + b) * C + cs, tl.sum(acc, axis=0).to(Y.dtype.element_ty), mask=cmask)
 
-    # Guesses for Hopper bandwidth, as for the expert GEMVs: 4-8K weight elements per loop step, 16-byte loads.
-    _CONFIGS = [
-        triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 8, "BLOCK_K": 512}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=2, num_stages=4),
-    ]
+    _CONFIGS = gemv_configs("BLOCK_N", "BLOCK_K")  # the expert GEMVs' tiles
     _COLS_CONFIGS = [
         triton.Config({"BLOCK_C": 64, "BLOCK_J": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_C": 128, "BLOCK_J": 32}, num_warps=4, num_stages=3),

@@ -179,6 +179,18 @@ def experts_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: to
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------------
+# GEMV tiles (rows, reduction width, warps, stages), guesses for Hopper bandwidth (H200, 132 SMs) untuned on
+# hardware: a weight tile of 4-8K elements per loop step (8 bf16 per 16-byte load and thread), a few hundred
+# programs at T = 1 for the 16b shapes (D 2048, I 1408). The expert kernels and `ops.gemv` choose among them.
+GEMV_TILES = [(16, 256, 4, 3), (8, 512, 4, 3), (32, 256, 8, 3), (16, 512, 8, 2), (32, 128, 4, 4), (4, 1024, 4, 3),
+              (8, 256, 2, 4)]
+
+
+def gemv_configs(rows: str, cols: str) -> list:
+    """GEMV_TILES as triton.Configs of a kernel whose row and reduction block sizes are named `rows` and `cols`."""
+    return [triton.Config({rows: r, cols: c}, num_warps=w, num_stages=st) for r, c, w, st in GEMV_TILES]
+
+
 def _fixed_meta(configs) -> dict:
     # The interpreter cannot time configurations: launch with the first.
     return {**configs[0].kwargs, "num_warps": configs[0].num_warps} if _INTERPRET else {}
@@ -504,25 +516,8 @@ if triton is not None:
         weight = tl.load(WTS + tok * K + slot, mask=routed, other=1.0)
         tl.store(Y + pair * D + rows, tl.sum(acc, axis=1) * weight, mask=rmask)
 
-    # Guesses for Hopper bandwidth (H200, 132 SMs), untuned on hardware: a weight tile of 4-8K elements per loop
-    # step (8 bf16 per 16-byte load and thread), a few hundred programs at T = 1 for the 16b shapes (D 2048, I 1408).
-    _GATE_UP_CONFIGS = [
-        triton.Config({"BLOCK_I": 16, "BLOCK_D": 256}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_I": 8, "BLOCK_D": 512}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_I": 32, "BLOCK_D": 256}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_I": 16, "BLOCK_D": 512}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_I": 32, "BLOCK_D": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_I": 4, "BLOCK_D": 1024}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_I": 8, "BLOCK_D": 256}, num_warps=2, num_stages=4),
-    ]
-    _DOWN_CONFIGS = [
-        triton.Config({"BLOCK_D": 16, "BLOCK_I": 256}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_D": 8, "BLOCK_I": 512}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_D": 8, "BLOCK_I": 256}, num_warps=2, num_stages=4),
-        triton.Config({"BLOCK_D": 32, "BLOCK_I": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_D": 16, "BLOCK_I": 512}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_D": 4, "BLOCK_I": 512}, num_warps=2, num_stages=3),
-    ]
+    _GATE_UP_CONFIGS = gemv_configs("BLOCK_I", "BLOCK_D")
+    _DOWN_CONFIGS = gemv_configs("BLOCK_D", "BLOCK_I")
     if not _INTERPRET:  # the interpreter cannot time configurations
         _gate_up_kernel = triton.autotune(_GATE_UP_CONFIGS, key=["D", "I", "n_pairs", "FP8"])(_gate_up_kernel)
         _down_kernel = triton.autotune(_DOWN_CONFIGS, key=["D", "I", "n_pairs", "FP8"])(_down_kernel)
