@@ -126,9 +126,7 @@ def replace_experts(model: nn.Module, emulate: bool) -> None:
     for name, module in list(model.named_modules()):
         if type(module) is Experts:
             n, two_inter, dim = module.gate_up_proj.shape
-            fp8 = Fp8WeightExperts(n, dim, two_inter // 2, emulate, module.gate_up_proj.device)
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, fp8)
+            _swap(model, name, Fp8WeightExperts(n, dim, two_inter // 2, emulate, module.gate_up_proj.device))
 
 
 def replace_linears(model: nn.Module, chosen: Callable[[str], bool], emulate: bool) -> None:
@@ -136,7 +134,10 @@ def replace_linears(model: nn.Module, chosen: Callable[[str], bool], emulate: bo
     The caller fills the buffers (load_model does, from the checkpoint)."""
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and chosen(name):
-            parent, _, leaf = name.rpartition(".")
-            fp8 = Fp8WeightLinear(module.in_features, module.out_features, module.bias, emulate,
-                                  module.weight.device)
-            setattr(model.get_submodule(parent) if parent else model, leaf, fp8)
+            _swap(model, name, Fp8WeightLinear(module.in_features, module.out_features, module.bias, emulate,
+                                               module.weight.device))
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)

@@ -13,9 +13,9 @@ a zero gradient and no correct guess. Ties of the argmax go to the lower index, 
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .tuning import INTERPRET
 
 try:
     import triton
@@ -23,14 +23,13 @@ try:
 except ImportError:  # CPU-only installs: the reference serves
     triton = None
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 BLOCK_V = 4096  # logits per loop step of a row: 8 KB of bf16
 
 
 def softmax_grad_(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [n, V] (contiguous rows), targets: [n] int64 (negative = ignored) -> (loss [n] fp32, correct [n]
     bool). With grad, logits become d(loss.sum())/d(logits). The Triton kernel on CUDA, else the reference."""
-    if triton is not None and (logits.is_cuda or _INTERPRET):
+    if triton is not None and (logits.is_cuda or INTERPRET):
         return softmax_grad_triton_(logits, targets, grad)
     return softmax_grad_reference_(logits, targets, grad)
 

@@ -28,7 +28,6 @@ Triton grouped GEMM.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 from ..fp8 import AMAX_FLOOR, BLOCK, FP8, FP8_MAX, dequantize_blocks, quantize_blocks
 from .grouped import grouped_mm_reference
+from .tuning import autotuned, fixed_meta
 
 try:
     import triton
@@ -44,7 +44,6 @@ try:
 except ImportError:  # CPU-only installs: the references still run
     triton = None
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def padded(n: int) -> int:
@@ -307,14 +306,9 @@ if triton is not None:
     _WGRAD_CONFIGS = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=s) for s in (3, 4)] + \
         [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=4),
          triton.Config({"BLOCK_M": 128, "BLOCK_N": 256}, num_warps=8, num_stages=3)]
-    if not _INTERPRET:  # the interpreter cannot time configurations
-        _gemm_kernel = triton.autotune(_GEMM_CONFIGS, key=["n_out", "k_pad"])(_gemm_kernel)
-        _wgrad_kernel = triton.autotune(_WGRAD_CONFIGS, key=["n", "k"])(_wgrad_kernel)
+    _gemm_kernel = autotuned(_GEMM_CONFIGS, ["n_out", "k_pad"])(_gemm_kernel)
+    _wgrad_kernel = autotuned(_WGRAD_CONFIGS, ["n", "k"])(_wgrad_kernel)
 
-
-def _fixed_meta(configs) -> dict:
-    # Under the interpreter the kernels are not autotuned: launch with the first configuration.
-    return {**configs[0].kwargs, "num_warps": configs[0].num_warps} if _INTERPRET else {}
 
 
 # ---- launchers -----------------------------------------------------------------------------------------------
@@ -371,7 +365,7 @@ def gemm_triton(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Te
     grid = lambda meta: (tiles.count * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
     _gemm_kernel[grid](a, sa, b, sb, out, tiles.start, tiles.end, tiles.group, n_out, b.shape[1], kp, tiles.count,
                        a.stride(0), sa.stride(0), sa.stride(1), b.stride(0), b.stride(1), sb.stride(0),
-                       sb.stride(1), sb.stride(2), out.stride(0), BLOCK=BLOCK, **_fixed_meta(_GEMM_CONFIGS))
+                       sb.stride(1), sb.stride(2), out.stride(0), BLOCK=BLOCK, **fixed_meta(_GEMM_CONFIGS))
     return out
 
 
@@ -390,7 +384,7 @@ def wgrad_triton(dy: ActFp8, x: ActFp8, tiles: RowTiles, n: int, k: int) -> torc
     out = torch.empty((tiles.groups, n, k), dtype=torch.float32, device=dy.qt.device)
     grid = lambda meta: (tiles.groups * triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)  # noqa
     _wgrad_kernel[grid](dy.qt, dy.st, x.qt, x.st, out, tiles.first, n, k, np_, kp, dy.qt.shape[1], BLOCK=BLOCK,
-                        **_fixed_meta(_WGRAD_CONFIGS))
+                        **fixed_meta(_WGRAD_CONFIGS))
     return out
 
 

@@ -27,16 +27,15 @@ experts. The kernel here is the expert GEMVs' design (`moe_decode.py`, about hal
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from .moe_decode import gemv_configs, triton, triton_available
+from .moe_decode import triton, triton_available
+from .tuning import autotuned, fixed_meta, gemv_configs
 
 if triton is not None:
     import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 MAX_ROWS = 8  # x rows up to which the GEMV beats a GEMM: each extra row re-reads W from L2
 use_kernel = True  # False keeps every product on F.linear (A/B timing: benchmarks/decode.py --no-gemv)
 
@@ -85,7 +84,7 @@ def bmm_nt_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = x.new_empty((splits, m, nb, n), dtype=x.dtype if splits == 1 else torch.float32)
     _gemv_kernel[lambda meta: (m * nb, triton.cdiv(n, meta["BLOCK_N"]), splits)](
         x, weight, bias if bias is not None else weight, out, m, nb, n, k, x.stride(0), x.stride(1),
-        weight.stride(0), weight.stride(1), width, HAS_BIAS=bias is not None, **_fixed_meta(_CONFIGS))
+        weight.stride(0), weight.stride(1), width, HAS_BIAS=bias is not None, **fixed_meta(_CONFIGS))
     return out[0] if splits == 1 else out.sum(0).to(x.dtype)
 
 
@@ -97,13 +96,8 @@ def bmm_nn_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = x.new_empty((m, nb, c))
     _gemv_cols_kernel[lambda meta: (m * nb, triton.cdiv(c, meta["BLOCK_C"]))](
         x, weight, out, m, nb, j, c, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        **_fixed_meta(_COLS_CONFIGS))
+        **fixed_meta(_COLS_CONFIGS))
     return out
-
-
-def _fixed_meta(configs) -> dict:
-    # The interpreter cannot time configurations: launch with the first.
-    return {**configs[0].kwargs, "num_warps": configs[0].num_warps} if _INTERPRET else {}
 
 
 @torch.library.custom_op("dsv3::gemv", mutates_args=())
@@ -208,6 +202,5 @@ if triton is not None:
         triton.Config({"BLOCK_C": 32, "BLOCK_J": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_C": 128, "BLOCK_J": 64}, num_warps=8, num_stages=2),
     ]
-    if not _INTERPRET:  # the interpreter cannot time configurations
-        _gemv_kernel = triton.autotune(_CONFIGS, key=["M", "NB", "N", "K", "width"])(_gemv_kernel)
-        _gemv_cols_kernel = triton.autotune(_COLS_CONFIGS, key=["M", "NB", "J", "C"])(_gemv_cols_kernel)
+    _gemv_kernel = autotuned(_CONFIGS, ["M", "NB", "N", "K", "width"])(_gemv_kernel)
+    _gemv_cols_kernel = autotuned(_COLS_CONFIGS, ["M", "NB", "J", "C"])(_gemv_cols_kernel)

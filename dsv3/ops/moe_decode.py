@@ -44,13 +44,13 @@ gate's fp32 GEMV:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..fp8 import dequantize_blocks
+from .tuning import autotuned, fixed_meta, gemv_configs
 
 try:
     import triton
@@ -58,7 +58,6 @@ try:
 except ImportError:  # CPU-only installs: the model keeps its general path
     triton = None
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -179,23 +178,6 @@ def experts_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: to
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------------
-# GEMV tiles (rows, reduction width, warps, stages), guesses for Hopper bandwidth (H200, 132 SMs) untuned on
-# hardware: a weight tile of 4-8K elements per loop step (8 bf16 per 16-byte load and thread), a few hundred
-# programs at T = 1 for the 16b shapes (D 2048, I 1408). The expert kernels and `ops.gemv` choose among them.
-GEMV_TILES = [(16, 256, 4, 3), (8, 512, 4, 3), (32, 256, 8, 3), (16, 512, 8, 2), (32, 128, 4, 4), (4, 1024, 4, 3),
-              (8, 256, 2, 4)]
-
-
-def gemv_configs(rows: str, cols: str) -> list:
-    """GEMV_TILES as triton.Configs of a kernel whose row and reduction block sizes are named `rows` and `cols`."""
-    return [triton.Config({rows: r, cols: c}, num_warps=w, num_stages=st) for r, c, w, st in GEMV_TILES]
-
-
-def _fixed_meta(configs) -> dict:
-    # The interpreter cannot time configurations: launch with the first.
-    return {**configs[0].kwargs, "num_warps": configs[0].num_warps} if _INTERPRET else {}
-
-
 def _route_launch(x: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec, select_only: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # x: the logits [T, E], or with select_only the scores; the latter writes only indices and counts.
@@ -269,11 +251,11 @@ def experts_triton(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch
     h = x.new_empty(pairs, inter)  # [T*(K+NS), I]
     _gate_up_kernel[lambda meta: (pairs, triton.cdiv(inter, meta["BLOCK_I"]))](
         x, gate_up_proj, gu_scale, s_gate, s_up, indices, h, x.stride(0), d, inter, up_row, gu_stride, pairs,
-        K=k, NS=ns, FP8=fp8 is not None, **_fixed_meta(_GATE_UP_CONFIGS))
+        K=k, NS=ns, FP8=fp8 is not None, **fixed_meta(_GATE_UP_CONFIGS))
     part = x.new_empty(pairs, d, dtype=torch.float32)  # [T*(K+NS), D]: each pair's output times its weight
     _down_kernel[lambda meta: (pairs, triton.cdiv(d, meta["BLOCK_D"]))](
         h, down_proj, down_scale, s_down, indices, weights, part, d, inter, down_proj.shape[1], down_stride, pairs,
-        K=k, NS=ns, FP8=fp8 is not None, **_fixed_meta(_DOWN_CONFIGS))
+        K=k, NS=ns, FP8=fp8 is not None, **fixed_meta(_DOWN_CONFIGS))
     return part.view(t, k + ns, d).sum(dim=1).to(x.dtype)
 
 
@@ -518,6 +500,5 @@ if triton is not None:
 
     _GATE_UP_CONFIGS = gemv_configs("BLOCK_I", "BLOCK_D")
     _DOWN_CONFIGS = gemv_configs("BLOCK_D", "BLOCK_I")
-    if not _INTERPRET:  # the interpreter cannot time configurations
-        _gate_up_kernel = triton.autotune(_GATE_UP_CONFIGS, key=["D", "I", "n_pairs", "FP8"])(_gate_up_kernel)
-        _down_kernel = triton.autotune(_DOWN_CONFIGS, key=["D", "I", "n_pairs", "FP8"])(_down_kernel)
+    _gate_up_kernel = autotuned(_GATE_UP_CONFIGS, ["D", "I", "n_pairs", "FP8"])(_gate_up_kernel)
+    _down_kernel = autotuned(_DOWN_CONFIGS, ["D", "I", "n_pairs", "FP8"])(_down_kernel)
