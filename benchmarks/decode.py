@@ -30,7 +30,6 @@ from benchmarks.common import save_results, sync
 from dsv3.engine import Engine, SamplingParams
 from dsv3.info import model_stats
 from dsv3.model import Gate, Rotary, Transformer, cast_model
-from dsv3.ops import gemv
 from dsv3.tokenizer import Tokenizer
 
 PROMPTS = [  # for checkpoints with a tokenizer (the speculative run); random ids otherwise
@@ -123,7 +122,7 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
     stats = model_stats(cfg)
     results: dict = {"preset": args.preset, "dtype": args.dtype, "prompt_len": args.prompt_len,
                      "new_tokens": args.new_tokens, "kernel": args.kernel, "cuda_graphs": not args.no_graphs,
-                     "compile": args.compile, "gemv": gemv.use_kernel, "runs": []}
+                     "compile": args.compile, "runs": []}
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (max(args.batch), args.prompt_len), generator=gen)
 
@@ -230,14 +229,11 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile each decode bucket's step")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (the roofline alone)")
     p.add_argument("--fp8-weights", action="store_true", help="also time the weights served from an FP8 checkpoint")
-    p.add_argument("--no-gemv", action="store_true", help="plain linear layers on cuBLAS, not the decode GEMV")
     args = p.parse_args()
-    gemv.use_kernel = not args.no_gemv
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA GPU")
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
-    suffix = ("_compiled" if args.compile else "") + ("_fp8" if args.fp8_weights else "") + \
-        ("_no_gemv" if args.no_gemv else "")
+    suffix = ("_compiled" if args.compile else "") + ("_fp8" if args.fp8_weights else "")
     if args.speculative:
         if not args.model:
             raise SystemExit("--speculative needs --model DIR, a checkpoint trained with MTP")

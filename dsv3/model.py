@@ -16,8 +16,6 @@ Notable features:
 - At decode batch sizes (inference, CUDA, T * K <= E) a MoE layer runs fused Triton kernels instead (`ops.moe_decode`:
   one routing launch, two expert GEMVs over the chosen experts' and the shared experts' weights): the same routing
   and load, the same output up to rounding.
-- Its plain linear layers do likewise at up to 8 rows (`linear`, `ops.gemv`): a Triton GEMV instead of cuBLAS's
-  small-M GEMM for the attention projections, dense MLPs, MTP's eh_proj and the head of a decode step.
 - No process-group state: distribution wraps the model from outside.
 """
 
@@ -33,7 +31,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig, yarn_mscale
-from .ops import gemv, moe_decode
+from .ops import moe_decode
 from .ops.grouped import grouped_mm
 
 
@@ -104,14 +102,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1f * cos - x2f * sin, x2f * cos + x1f * sin], dim=-1).to(x.dtype)
 
 
-def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x); a plain nn.Linear (no hooks, no subclass such as FP8's) takes the GEMV kernel where it applies."""
-    if (type(layer) is nn.Linear and not (layer._forward_pre_hooks or layer._forward_hooks)
-            and gemv.applies(x, layer.weight)):
-        return gemv.linear(x, layer.weight, layer.bias)
-    return layer(x)
-
-
 # ---- attention ---------------------------------------------------------------------------------------------------
 class MLA(nn.Module):
     """Multi-head latent attention: queries through a low-rank bottleneck, keys and values from a shared latent."""
@@ -136,8 +126,7 @@ class MLA(nn.Module):
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [B, T, D] -> q_nope: [B, T, H, nope], q_pe: [B, T, H, rope] (roped)
         cfg = self.cfg
-        q = (linear(self.q_proj, x) if cfg.q_lora_rank is None
-             else linear(self.q_b_proj, self.q_a_layernorm(linear(self.q_a_proj, x))))
+        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.unflatten(-1, (self.n_heads, cfg.qk_head_dim))
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin, cfg.rope_interleave)
@@ -145,7 +134,7 @@ class MLA(nn.Module):
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [B, T, D] -> c_kv: [B, T, kv_lora] (normalised), k_pe: [B, T, rope] (roped): what a decoder caches.
         cfg = self.cfg
-        c_kv, k_pe = linear(self.kv_a_proj_with_mqa, x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(-2), cos, sin, cfg.rope_interleave).squeeze(-2)
         return self.kv_a_layernorm(c_kv), k_pe
 
@@ -182,7 +171,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 @dataclass
@@ -402,7 +391,7 @@ class MTPModule(nn.Module):
     def forward(self, emb: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         # emb: [B, T, D] embeddings of the tokens k ahead; h: [B, T, D] previous depth's normed output
-        x = linear(self.eh_proj, torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # [embedding; hidden] order
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # [embedding; hidden] order
         return self.head_norm(self.block(x, cos, sin, attn))
 
 
@@ -446,7 +435,7 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin)
         h = self.norm(h)
         if head and not mtp:
-            return linear(self.lm_head, h)
+            return self.lm_head(h)
         mtp_hidden, prev = [], h
         for k, module in enumerate(self.mtp if mtp else [], start=1):
             # Depth k at position i reads token i + k; positions past the end see padding, which causal
@@ -456,7 +445,7 @@ class Transformer(nn.Module):
             mtp_hidden.append(prev)
         if not head:
             return Output(None, [], h, mtp_hidden)
-        return Output(linear(self.lm_head, h), [linear(self.lm_head, x) for x in mtp_hidden], h, mtp_hidden)
+        return Output(self.lm_head(h), [self.lm_head(x) for x in mtp_hidden], h, mtp_hidden)
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

@@ -8,8 +8,7 @@ Notable features:
 - Decode rows use the absorbed form: W_UK folded into the query (q_lat = W_UK^T q_nope, kv_lora_rank wide) and W_UV
   into the output, attending straight over the cached latents (`ops.mla_decode`, Triton or its reference). The
   absorbed weights are views of `kv_b_proj.weight` ([H * (nope + v), kv_lora]: per head nope rows of W_UK, then v
-  rows of W_UV), never copies. At up to 8 rows the two per-head products run as GEMVs over those views
-  (`ops.gemv`), not cuBLAS batched GEMMs.
+  rows of W_UV), never copies.
 - Prefill chunks use the expanded form: the chunk's context latents are read back from the cache and expanded by
   kv_b_proj into per-head keys and values for one SDPA call; compute-bound prompts are cheaper that way.
 - The model's blocks run with this attention through their `attn` hook (`cache_attention` binds a layer's cache
@@ -26,8 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model import MLA, linear
-from ..ops import gemv
+from ..model import MLA
 from ..ops.mla_decode import mla_decode, mla_decode_triton
 
 # columns of Step.rows
@@ -75,7 +73,7 @@ def mla_attention(mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         for row, n, start, seq in step.prefills:
             pages = step.tables[seq, : -(-(start + n) // kv.shape[1])]
             out[row:row + n] = expanded(mla, q_nope[row:row + n], q_pe[row:row + n], kv, pages, start)
-    return linear(mla.o_proj, out.flatten(1)).unsqueeze(0)
+    return mla.o_proj(out.flatten(1)).unsqueeze(0)
 
 
 # The Triton kernel as an op torch.compile does not look into (see the module docstring).
@@ -96,16 +94,13 @@ def absorbed(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tenso
     m = q_nope.shape[0]
     w = mla.kv_b_proj.weight.view(mla.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
     w_uk, w_uv = w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]  # [H, nope, C], [H, v, C]
-    q_lat = (gemv.bmm_nn(q_nope, w_uk) if gemv.applies(q_nope, w_uk)
-             else torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1))  # [M, H, C]
+    q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [M, H, C]
     rows = step.rows[:m]
     args = (q_lat, q_pe, kv, step.tables, rows[:, SEQ], rows[:, LEN], mla.softmax_scale)
     if step.use_triton and torch.compiler.is_compiling():
         o_lat = torch.ops.dsv3.mla_decode_triton(*args)  # [M, H, C]
     else:
         o_lat = mla_decode(*args, step.use_triton)
-    if gemv.applies(o_lat, w_uv):
-        return gemv.bmm_nt(o_lat, w_uv)
     return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [M, H, v]
 
 

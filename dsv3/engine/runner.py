@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import MoE, Transformer, linear
+from ..model import MoE, Transformer
 from .attention import Step, cache_attention
 from .cache import LatentCache
 from .request import Request
@@ -114,7 +114,7 @@ class ModelRunner:
         return torch.stack([tokens, drafts]), load
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(self.model.lm_head, hidden).float()  # [N, V]
+        return self.model.lm_head(hidden).float()  # [N, V]
 
     def _expert_load(self, valid: torch.Tensor) -> torch.Tensor | None:
         if not self.moes:

@@ -1,6 +1,6 @@
 """Autotuned Triton kernels that also run under Triton's interpreter (the CPU tests), which cannot time
 configurations: there a kernel keeps its first configuration, passed at launch by `fixed_meta`. Also the GEMV
-tile choices the decode kernels share."""
+tile choices of the decode expert kernels."""
 
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ def fixed_meta(configs: list) -> dict:
 
 # GEMV tiles (rows, reduction width, warps, stages), guesses for Hopper bandwidth (H200, 132 SMs) untuned on
 # hardware: a weight tile of 4-8K elements per loop step (8 bf16 per 16-byte load and thread), a few hundred
-# programs at T = 1 for the 16b shapes (D 2048, I 1408). The expert kernels (`moe_decode`) and `ops.gemv`
-# choose among them.
+# programs at T = 1 for the 16b shapes (D 2048, I 1408). The expert kernels (`moe_decode`) choose among them.
 GEMV_TILES = [(16, 256, 4, 3), (8, 512, 4, 3), (32, 256, 8, 3), (16, 512, 8, 2), (32, 128, 4, 4), (4, 1024, 4, 3),
               (8, 256, 2, 4)]
 
