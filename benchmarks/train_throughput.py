@@ -95,6 +95,8 @@ def main() -> None:
     p.add_argument("--hf-impls", default="grouped_mm,eager")
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
     p.add_argument("--fp8", action="store_true", help="also time dsv3 with FP8 GEMMs (issue 4's end-to-end ratio)")
+    p.add_argument("--only", default="", help="comma-separated dsv3 rows to time (e.g. dsv3_compiled,"
+                   "dsv3_fp8_compiled); default: every row the other flags enable")
     p.add_argument("--profile", action="store_true",
                    help="also list the GPU kernels of one dsv3 step (MTP on) by device time")
     args = p.parse_args()
@@ -117,24 +119,7 @@ def main() -> None:
         results[f"{key}_mfu"] = tokens / seconds * flops_per_token / peak
         print(f"{key}: {tokens / seconds:,.0f} tokens/s, MFU {100 * results[f'{key}_mfu']:.1f}%", flush=True)
 
-    variants = [("dsv3", 0, False, False), ("dsv3_mtp", 1, False, False)]
-    if args.compile:
-        variants += [("dsv3_compiled", 0, True, False), ("dsv3_mtp_compiled", 1, True, False)]
-    if args.fp8:
-        variants += [("dsv3_fp8", 0, False, True)] + ([("dsv3_fp8_compiled", 0, True, True)] if args.compile else [])
-    for key, depth, compiled, fp8 in variants:
-        model = dsv3.build_model(cfg.replace(num_nextn_predict_layers=depth), device=device, seed=0)
-        if fp8:
-            apply_fp8(model)
-        model.train()
-        run = torch.compile(model) if compiled else model
-        step = dsv3_step_fn(run, batches, mtp=depth > 0)
-        record(key, _time_steps(step, 3 if compiled else 2, args.steps), fpt[depth])
-        if args.profile and depth == 1:
-            results[f"{key}_profile"] = kernel_profile(step, device, top=25)
-        del model, run
-        torch.cuda.empty_cache()
-
+    # The peer first: its row is the one a cut-short run must not lose.
     hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in cfg.replace(num_nextn_predict_layers=0)
                                               .to_hf().items() if k not in ("architectures", "torch_dtype")})
     for impl in filter(None, args.hf_impls.split(",")):
@@ -148,6 +133,29 @@ def main() -> None:
         record(f"hf_{impl}", _time_steps(hf_step_fn(hf, batches), 2, args.steps), fpt[0])
         del hf
         torch.cuda.empty_cache()
+    variants = [("dsv3", 0, False, False), ("dsv3_mtp", 1, False, False)]
+    if args.compile:
+        variants += [("dsv3_compiled", 0, True, False), ("dsv3_mtp_compiled", 1, True, False)]
+    if args.fp8:
+        variants += [("dsv3_fp8", 0, False, True)] + ([("dsv3_fp8_compiled", 0, True, True)] if args.compile else [])
+    only = set(filter(None, args.only.split(",")))
+    if only - {v[0] for v in variants}:
+        raise SystemExit(f"--only: unknown or not enabled rows {sorted(only - {v[0] for v in variants})}")
+    for key, depth, compiled, fp8 in variants:
+        if only and key not in only:
+            continue
+        model = dsv3.build_model(cfg.replace(num_nextn_predict_layers=depth), device=device, seed=0)
+        if fp8:
+            apply_fp8(model)
+        model.train()
+        run = torch.compile(model) if compiled else model
+        step = dsv3_step_fn(run, batches, mtp=depth > 0)
+        record(key, _time_steps(step, 3 if compiled else 2, args.steps), fpt[depth])
+        if args.profile and depth == 1:
+            results[f"{key}_profile"] = kernel_profile(step, device, top=25)
+        del model, run
+        torch.cuda.empty_cache()
+
     for impl in filter(None, args.hf_impls.split(",")):
         if f"hf_{impl}_tokens_per_s" in results:
             for key in ("dsv3", "dsv3_compiled"):
