@@ -16,6 +16,9 @@ Notable features:
 - At decode batch sizes (inference, CUDA, T * K <= E) a MoE layer runs fused Triton kernels instead (`ops.moe_decode`:
   one routing launch, two expert GEMVs over the chosen experts' and the shared experts' weights): the same routing
   and load, the same output up to rounding.
+- For inference, `Transformer.share_input_weights` makes the weights of sibling projections (MLA's q or q_a and
+  kv_a, an MLP's gate and up) views of one buffer, so that one GEMM serves each pair: at decode sizes every GEMM is
+  a latency-bound launch of a few microseconds, and names, shapes and values stay as they were.
 - No process-group state: distribution wraps the model from outside.
 """
 
@@ -102,6 +105,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1f * cos - x2f * sin, x2f * cos + x1f * sin], dim=-1).to(x.dtype)
 
 
+def share_weight(*layers: nn.Module) -> torch.Tensor | None:
+    """Make the weights of linear layers that read one input views of a single [sum of N, K] buffer and return it,
+    so that one GEMM computes them all (`F.linear(x, buffer)`, split). The parameters keep their names, shapes and
+    values, and an in-place load writes through to the buffer; assigning a new weight afterwards would not, so
+    this is for a model whose weights are final (an inference engine's). None where the layers are not all plain
+    bias-free nn.Linear of one device, dtype and input width: quantised and FP8 layers keep their own kernels."""
+    weights = [layer.weight for layer in layers if type(layer) is nn.Linear and layer.bias is None]
+    if len(weights) != len(layers) or len({(w.device, w.dtype, w.shape[1]) for w in weights}) != 1:
+        return None
+    buffer = torch.cat([w.detach() for w in weights])  # [sum N, K]
+    for w, part in zip(weights, buffer.split([w.shape[0] for w in weights])):
+        w.data = part
+    return buffer
+
+
+def shared_linear(x: torch.Tensor, buffer: torch.Tensor | None, *layers: nn.Module) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers], as one GEMM over `buffer` (share_weight's) when there is one and no
+    gradient is wanted: the buffer is a copy autograd does not connect to the parameters."""
+    if buffer is None or torch.is_grad_enabled():
+        return [layer(x) for layer in layers]
+    return list(F.linear(x, buffer).split([layer.out_features for layer in layers], dim=-1))
+
+
 # ---- attention ---------------------------------------------------------------------------------------------------
 class MLA(nn.Module):
     """Multi-head latent attention: queries through a low-rank bottleneck, keys and values from a shared latent."""
@@ -122,28 +148,32 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=cfg.attention_bias)
         self.softmax_scale = cfg.softmax_scale
+        self.input_weight: torch.Tensor | None = None  # share_input_weights: [q (or q_a) rows; kv_a rows]
 
-    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x: [B, T, D] -> q_nope: [B, T, H, nope], q_pe: [B, T, H, rope] (roped)
-        cfg = self.cfg
-        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.unflatten(-1, (self.n_heads, cfg.qk_head_dim))
-        q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        return q_nope, apply_rope(q_pe, cos, sin, cfg.rope_interleave)
+    def share_input_weights(self) -> None:
+        first = self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
+        self.input_weight = share_weight(first, self.kv_a_proj_with_mqa)
 
-    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x: [B, T, D] -> c_kv: [B, T, kv_lora] (normalised), k_pe: [B, T, rope] (roped): what a decoder caches.
+    def project(self, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: [B, T, D] -> q_nope: [B, T, H, nope], q_pe: [B, T, H, rope] (roped), and what a decoder caches:
+        # c_kv: [B, T, kv_lora] (normalised), k_pe: [B, T, rope] (roped)
         cfg = self.cfg
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        first = self.q_proj if cfg.q_lora_rank is None else self.q_a_proj
+        q, kv = shared_linear(x, self.input_weight, first, self.kv_a_proj_with_mqa)
+        if cfg.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        q_nope, q_pe = q.unflatten(-1, (self.n_heads, cfg.qk_head_dim)).split(
+            [cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = kv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(-2), cos, sin, cfg.rope_interleave).squeeze(-2)
-        return self.kv_a_layernorm(c_kv), k_pe
+        return q_nope, apply_rope(q_pe, cos, sin, cfg.rope_interleave), self.kv_a_layernorm(c_kv), k_pe
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # Expanded (training / prefill) form over a whole causal sequence. x: [B, T, D]
         cfg = self.cfg
         b, t, _ = x.shape
-        q_nope, q_pe = self.query(x, cos, sin)
-        c_kv, k_pe = self.latent(x, cos, sin)
+        q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim))
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, T, qk]
@@ -169,9 +199,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, inter, bias=False)
         self.up_proj = nn.Linear(dim, inter, bias=False)
         self.down_proj = nn.Linear(inter, dim, bias=False)
+        self.input_weight: torch.Tensor | None = None  # share_input_weights: [gate rows; up rows]
+
+    def share_input_weights(self) -> None:
+        self.input_weight = share_weight(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = shared_linear(x, self.input_weight, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 @dataclass
@@ -446,6 +481,12 @@ class Transformer(nn.Module):
         if not head:
             return Output(None, [], h, mtp_hidden)
         return Output(self.lm_head(h), [self.lm_head(x) for x in mtp_hidden], h, mtp_hidden)
+
+    def share_input_weights(self) -> None:
+        """For inference: one GEMM for each pair of sibling projections (see `share_weight`; not for training)."""
+        for module in self.modules():
+            if isinstance(module, (MLA, MLP)):
+                module.share_input_weights()
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

@@ -153,9 +153,10 @@ def test_kernel_count_script_on_the_tiny_preset(tmp_path):
     cfg = dsv3.ModelConfig.preset("tiny")  # layer 0 dense, layers 1 and 2 MoE
     assert regions["layer 1"] == regions["layer 2"]
     dense, moe = eager["ops_by_layer_kind"]["layer 0"], eager["ops_by_layer_kind"]["layer 1"]
-    # By hand: q_a, q_b, kv_a and o projections, then gate, up and down (dense MLP or shared expert), and in a MoE
-    # layer the router's linear; two absorbed bmm plus the three einsums of the reference decode attention.
-    assert dense["mm"] == 7 and moe["mm"] == 8 and moe["_grouped_mm"] == 2
+    # By hand: q_a with kv_a (one shared weight), q_b and o projections, then gate with up (shared) and down (dense
+    # MLP or shared expert), and in a MoE layer the router's linear; two absorbed bmm plus the three einsums of the
+    # reference decode attention.
+    assert dense["mm"] == 5 and moe["mm"] == 6 and moe["_grouped_mm"] == 2
     assert dense["bmm"] == moe["bmm"] == 5
     assert dense["index_put_"] == 1  # the cache write
     assert regions["embedding, rope"] == 4  # two input copies, the embedding, the rope-table gather

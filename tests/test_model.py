@@ -187,3 +187,40 @@ def test_training_step_under_bf16_autocast():
     assert torch.isfinite(loss)
     assert model.layers[1].mlp.experts.gate_up_proj.grad.abs().sum() > 0
     assert model.layers[1].mlp.gate.weight.grad.abs().sum() > 0  # routing learns through the gate weights
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 48])
+def test_shared_input_weights_change_nothing_but_the_gemm_count(q_lora_rank):
+    cfg = dsv3.ModelConfig.preset("tiny").replace(q_lora_rank=q_lora_rank)
+    model, fresh = build_model(cfg, seed=0), build_model(cfg, seed=1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 17))
+    with torch.no_grad():
+        before = model(ids, mtp=True)
+    names = {k: v.clone() for k, v in model.state_dict().items()}
+    model.share_input_weights()
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert attn.input_weight is not None and mlp.input_weight is not None
+    first = attn.q_proj if q_lora_rank is None else attn.q_a_proj
+    assert first.weight.data_ptr() == attn.input_weight.data_ptr()  # views of the buffer, not copies
+    state = model.state_dict()
+    assert state.keys() == names.keys() and all(torch.equal(state[k], v) for k, v in names.items())
+    with torch.no_grad():
+        after = model(ids, mtp=True)
+    assert torch.allclose(after.logits, before.logits, atol=1e-5)
+    assert torch.allclose(after.mtp_logits[0], before.mtp_logits[0], atol=1e-5)
+    # An in-place load writes through to the shared buffers.
+    model.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(ids), fresh(ids), atol=1e-5)
+    # With gradients the layers run on their own, so every projection still learns.
+    model(ids).sum().backward()
+    assert first.weight.grad.abs().sum() > 0 and attn.kv_a_proj_with_mqa.weight.grad.abs().sum() > 0
+    assert mlp.gate_proj.weight.grad.abs().sum() > 0
+
+
+def test_share_weight_leaves_other_layers_alone():
+    plain, biased = torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 4)
+    assert dsv3.model.share_weight(plain, biased) is None
+    assert dsv3.model.share_weight(plain, torch.nn.Linear(6, 4, bias=False)) is None  # other input width
+    assert dsv3.model.share_weight(plain, torch.nn.Linear(8, 3, bias=False).double()) is None
+    assert dsv3.model.share_weight(plain, torch.nn.Linear(8, 3, bias=False)).shape == (7, 8)

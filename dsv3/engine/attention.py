@@ -59,8 +59,7 @@ def mla_attention(mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
                   step: Step) -> torch.Tensor:
     # x: [1, R, D] (the rows as one sequence, as MLA's projections expect); kv: [P, bs, C+R] -> [1, R, D]
     cfg = mla.cfg
-    q_nope, q_pe = mla.query(x, cos, sin)  # [1, R, H, nope], [1, R, H, rope]
-    c_kv, k_pe = mla.latent(x, cos, sin)  # [1, R, C], [1, R, rope]
+    q_nope, q_pe, c_kv, k_pe = mla.project(x, cos, sin)  # [1, R, H, nope], [1, R, H, rope], [1, R, C], [1, R, rope]
     kv.view(-1, kv.shape[-1])[step.rows[:, SLOT]] = torch.cat([c_kv, k_pe], dim=-1)[0]
     q_nope, q_pe = q_nope[0], q_pe[0]
     d = step.decode_rows
