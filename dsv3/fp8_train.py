@@ -10,6 +10,8 @@ Notable features:
   The input is kept for the backward only in its 128x1 FP8 form (half the bytes of bf16).
 - Quantised weights are cached until the weight changes (its version counter moves when the optimiser steps), so
   the micro-batches of one step, and recomputation under activation checkpointing, quantise each weight once.
+- Under torch.compile the FP8 layers are custom ops (`dsv3::fp8_matmul`, its backward, `dsv3::fp8_quantize_weight`):
+  the compiled model is one graph, where tracing the autograd function broke it at every FP8 layer.
 - Emulation (quantise, dequantise, matmul in fp32) where the kernels cannot run, the CPU included: the same tiles
   and scales, so the same numerics up to summation order. apply_fp8 says when it falls back to it.
 - Under autocast the FP8 layers return the autocast dtype, as nn.Linear would; gradients of the master weights
@@ -36,8 +38,33 @@ class Fp8Settings:
     pow2: bool = False  # power-of-two scales (DeepSeek-V3.1's ue8m0)
 
 
+def _forward(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, offs: torch.Tensor | None, n: int, keep_cols: bool,
+             settings: Fp8Settings, out_dtype: torch.dtype) -> tuple[torch.Tensor, ops.ActFp8, ops.RowTiles]:
+    # Fprop: x [M, K] (M > 0) -> y [M, n], x in FP8 (its 128x1 form with keep_cols, what Wgrad reads), its row tiles
+    tiles = ops.row_tiles(x.shape[0], offs, x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        xq = ops.quantize_act(x, tiles, settings.pow2, with_cols=keep_cols, emulate=settings.emulate)
+        return ops.gemm(xq.q, xq.s, wq, ws, tiles, n, out_dtype, settings.emulate), xq, tiles
+
+
+def _backward(dy: torch.Tensor, xqt: torch.Tensor | None, xst: torch.Tensor | None, wqt: torch.Tensor,
+              ws: torch.Tensor, tiles: ops.RowTiles, k: int, need_x: bool, need_w: bool, settings: Fp8Settings,
+              x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    # dy: [M, N] (M > 0), tiles: the forward's -> dx [M, k] (need_x), dw [G, N, k] (need_w)
+    dx = dw = None
+    with torch.autocast(dy.device.type, enabled=False):
+        dyq = ops.quantize_act(dy, tiles, settings.pow2, with_cols=need_w, emulate=settings.emulate)
+        if need_x:  # Dgrad: dY in 1x128 tiles against the transposed weight blocks
+            dx = ops.gemm(dyq.q, dyq.s, wqt, ws.transpose(1, 2), tiles, k, x_dtype, settings.emulate)
+        if need_w:  # Wgrad: dY and X both in 128x1 tiles along the tokens
+            dw = ops.wgrad(dyq, ops.ActFp8(None, None, xqt, xst), tiles, dy.shape[1], k, settings.emulate)
+            dw = dw.to(w_dtype)
+    return dx, dw
+
+
 class _Fp8MatMul(torch.autograd.Function):
-    """y = x w_g^T for the rows of each group g, its three GEMMs in FP8.
+    """y = x w_g^T for the rows of each group g, its three GEMMs in FP8 (eager; compiled code calls the custom op
+    `dsv3::fp8_matmul` below instead).
 
     x: [M, K]; weight: [G, N, K], the master weight, an input only to receive its gradient; wq, wqt, ws: its
     quantised form (ops.WeightFp8); offs: [G] int32 row ends, or None for one group (a dense layer)."""
@@ -45,16 +72,11 @@ class _Fp8MatMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, wq, wqt, ws, offs, settings: Fp8Settings, out_dtype: torch.dtype):
         m, k = x.shape
-        n = weight.shape[1]
-        ctx.settings, ctx.shape, ctx.dtypes = settings, (weight.shape[0], m, n, k), (x.dtype, weight.dtype)
+        g, n = weight.shape[:2]
+        ctx.settings, ctx.shape, ctx.dtypes = settings, (g, m, n, k), (x.dtype, weight.dtype)
         if m == 0:
             return x.new_zeros((0, n), dtype=out_dtype)
-        tiles = ops.row_tiles(m, offs, x.device)
-        keep = ctx.needs_input_grad[1]
-        with torch.autocast(x.device.type, enabled=False):
-            xq = ops.quantize_act(x, tiles, settings.pow2, with_cols=keep, emulate=settings.emulate)
-            y = ops.gemm(xq.q, xq.s, wq, ws, tiles, n, out_dtype, settings.emulate)
-        ctx.tiles = tiles
+        y, xq, ctx.tiles = _forward(x, wq, ws, offs, n, ctx.needs_input_grad[1], settings, out_dtype)
         ctx.save_for_backward(xq.qt, xq.st, wqt, ws)
         return y
 
@@ -62,20 +84,99 @@ class _Fp8MatMul(torch.autograd.Function):
     def backward(ctx, dy):
         settings, (g, m, n, k), (x_dtype, w_dtype) = ctx.settings, ctx.shape, ctx.dtypes
         need_x, need_w = ctx.needs_input_grad[:2]
-        dx = dw = None
         if m == 0:
             dx = dy.new_zeros((0, k), dtype=x_dtype) if need_x else None
             dw = torch.zeros((g, n, k), dtype=w_dtype, device=dy.device) if need_w else None
-            return dx, dw, None, None, None, None, None, None
-        xqt, xst, wqt, ws = ctx.saved_tensors
-        tiles = ctx.tiles
-        with torch.autocast(dy.device.type, enabled=False):
-            dyq = ops.quantize_act(dy, tiles, settings.pow2, with_cols=need_w, emulate=settings.emulate)
-            if need_x:  # Dgrad: dY in 1x128 tiles against the transposed weight blocks
-                dx = ops.gemm(dyq.q, dyq.s, wqt, ws.transpose(1, 2), tiles, k, x_dtype, settings.emulate)
-            if need_w:  # Wgrad: dY and X both in 128x1 tiles along the tokens
-                dw = ops.wgrad(dyq, ops.ActFp8(None, None, xqt, xst), tiles, n, k, settings.emulate).to(w_dtype)
+        else:
+            xqt, xst, wqt, ws = ctx.saved_tensors
+            dx, dw = _backward(dy, xqt, xst, wqt, ws, ctx.tiles, k, need_x, need_w, settings, x_dtype, w_dtype)
         return dx, dw, None, None, None, None, None, None
+
+
+# ---- under torch.compile -----------------------------------------------------------------------------------------
+# Dynamo cannot trace _Fp8MatMul whole (row tiles built per call, Triton launches with autotuning, the choice
+# between cuBLASLt and Triton made on the host): every FP8 layer would break the graph and recompile per shape.
+# Compiled code calls these custom ops instead, single calls with declared output shapes to the compiler, with the
+# same three GEMMs. Eager code keeps the autograd function: a custom op costs more dispatch per call.
+@torch.library.custom_op("dsv3::fp8_quantize_weight", mutates_args=())
+def _quantize_weight_op(w: torch.Tensor, pow2: bool, emulate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    wq = ops.quantize_weight(w, pow2, emulate)
+    return wq.q, wq.qt, wq.s
+
+
+@_quantize_weight_op.register_fake
+def _(w, pow2, emulate):
+    g, n, k = w.shape
+    np_, kp = ops.padded(n), ops.padded(k)
+    return (w.new_empty((g, np_, kp), dtype=ops.FP8), w.new_empty((g, kp, np_), dtype=ops.FP8),
+            w.new_empty((g, np_ // ops.BLOCK, kp // ops.BLOCK), dtype=torch.float32))
+
+
+@torch.library.custom_op("dsv3::fp8_matmul", mutates_args=())
+def _fp8_matmul_op(x: torch.Tensor, weight: torch.Tensor, wq: torch.Tensor, wqt: torch.Tensor, ws: torch.Tensor,
+                   offs: torch.Tensor | None, keep_cols: bool, pow2: bool, emulate: bool, out_dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # -> y [M, N], and x's 128x1 form for Wgrad (qt [Kp, T*128], st [T, Kp]; T = 0 without keep_cols). weight
+    # (the master) only receives the gradient; wqt is kept for Dgrad.
+    m, n = x.shape[0], weight.shape[1]
+    if m == 0:
+        return _fp8_matmul_fake(x, weight, wq, wqt, ws, offs, False, pow2, emulate, out_dtype)
+    y, xq, _ = _forward(x, wq, ws, offs, n, keep_cols, Fp8Settings(emulate, pow2), out_dtype)
+    if not keep_cols:
+        kp = ops.padded(x.shape[1])
+        return y.contiguous(), x.new_empty((kp, 0), dtype=ops.FP8), x.new_empty((0, kp))
+    return y.contiguous(), xq.qt, xq.st
+
+
+@_fp8_matmul_op.register_fake
+def _fp8_matmul_fake(x, weight, wq, wqt, ws, offs, keep_cols, pow2, emulate, out_dtype):
+    m, n, kp = x.shape[0], weight.shape[1], ops.padded(x.shape[1])
+    t = ops.tile_count(m, 1 if offs is None else offs.shape[0]) if keep_cols and m else 0
+    return (x.new_empty((m, n), dtype=out_dtype), x.new_empty((kp, t * ops.BLOCK), dtype=ops.FP8),
+            x.new_empty((t, kp), dtype=torch.float32))
+
+
+@torch.library.custom_op("dsv3::fp8_matmul_backward", mutates_args=())
+def _fp8_backward_op(dy: torch.Tensor, xqt: torch.Tensor, xst: torch.Tensor, wqt: torch.Tensor, ws: torch.Tensor,
+                     offs: torch.Tensor | None, k: int, groups: int, need_x: bool, need_w: bool, pow2: bool,
+                     emulate: bool, x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # -> dx [M, k] (empty [0] without need_x), dw [G, N, k] (empty [0] without need_w)
+    m, n = dy.shape
+    if m == 0:
+        dx = dy.new_zeros((0, k), dtype=x_dtype)
+        dw = torch.zeros((groups, n, k), dtype=w_dtype, device=dy.device)
+    else:
+        tiles = ops.row_tiles(m, offs, dy.device)  # as the forward built them
+        dx, dw = _backward(dy, xqt, xst, wqt, ws, tiles, k, need_x, need_w, Fp8Settings(emulate, pow2), x_dtype,
+                           w_dtype)
+    return (dx.contiguous() if need_x else dy.new_empty(0, dtype=x_dtype),
+            dw.contiguous() if need_w else dy.new_empty(0, dtype=w_dtype))
+
+
+@_fp8_backward_op.register_fake
+def _(dy, xqt, xst, wqt, ws, offs, k, groups, need_x, need_w, pow2, emulate, x_dtype, w_dtype):
+    m, n = dy.shape
+    return (dy.new_empty((m, k) if need_x else (0,), dtype=x_dtype),
+            dy.new_empty((groups, n, k) if need_w else (0,), dtype=w_dtype))
+
+
+def _fp8_op_context(ctx, inputs, output):
+    x, weight, wq, wqt, ws, offs, keep_cols, pow2, emulate, out_dtype = inputs
+    _, xqt, xst = output
+    ctx.meta = (x.shape[1], weight.shape[0], pow2, emulate, x.dtype, weight.dtype)
+    ctx.save_for_backward(xqt, xst, wqt, ws, offs)
+
+
+def _fp8_op_backward(ctx, dy, _dqt, _dst):
+    k, groups, pow2, emulate, x_dtype, w_dtype = ctx.meta
+    xqt, xst, wqt, ws, offs = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    dx, dw = torch.ops.dsv3.fp8_matmul_backward(dy.contiguous(), xqt, xst, wqt, ws, offs, k, groups, need_x,
+                                                need_w, pow2, emulate, x_dtype, w_dtype)
+    return (dx if need_x else None), (dw if need_w else None), None, None, None, None, None, None, None, None
+
+
+_fp8_matmul_op.register_autograd(_fp8_op_backward, setup_context=_fp8_op_context)
 
 
 class _WeightCache:
@@ -87,7 +188,7 @@ class _WeightCache:
 
     def get(self, w: torch.Tensor, settings: Fp8Settings) -> ops.WeightFp8:
         if torch.compiler.is_compiling():
-            return ops.quantize_weight(w.detach(), settings.pow2, settings.emulate)
+            return ops.WeightFp8(*torch.ops.dsv3.fp8_quantize_weight(w.detach(), settings.pow2, settings.emulate))
         key = (w.data_ptr(), tuple(w.shape), w.stride())
         hit = self._entries.get(key)
         if hit is not None and hit[1] == w._version and hit[2] == settings:
@@ -104,6 +205,10 @@ def _fp8_matmul(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor | None
     dev = x.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     wq = cache.get(weight, settings)
+    if torch.compiler.is_compiling():
+        keep_cols = weight.requires_grad and torch.is_grad_enabled()  # Wgrad will need x's 128x1 form
+        return torch.ops.dsv3.fp8_matmul(x, weight, wq.q, wq.qt, wq.s, offs, keep_cols, settings.pow2,
+                                         settings.emulate, out_dtype)[0]
     return _Fp8MatMul.apply(x, weight, wq.q, wq.qt, wq.s, offs, settings, out_dtype)
 
 

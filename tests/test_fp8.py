@@ -203,6 +203,38 @@ def test_emulated_fp8_experts_against_fp64():
     assert (out["fp8"][2][-1] == 0).all() and (out["fp8"][3][-1] == 0).all()
 
 
+@pytest.mark.parametrize("kind", ["linear", "experts"])
+def test_compiled_fp8_layers_are_one_graph_with_eager_numerics(kind):
+    # Under torch.compile the FP8 layers are custom ops (dsv3::fp8_matmul and its backward), opaque to dynamo: no
+    # graph break. The aot_eager backend runs the surrounding ops as eager does, so the compiled layer must give
+    # the eager autograd function's outputs and gradients exactly.
+    torch.manual_seed(2)
+    if kind == "linear":
+        ref = apply_fp8(nn.Linear(200, 300, bias=False), emulate=True)
+        args = (torch.randn(70, 200),)
+        params = lambda m: [m.weight]  # noqa: E731
+    else:
+        ref = apply_fp8(Experts(6, 200, 72), emulate=True)
+        with torch.no_grad():
+            ref.gate_up_proj.normal_(0, 0.05)
+            ref.down_proj.normal_(0, 0.05)
+        indices = torch.stack([torch.randperm(6)[:2] for _ in range(150)])
+        args = (torch.randn(150, 200), Routing(torch.rand(150, 2), indices, torch.rand(150, 6)))
+        params = lambda m: [m.gate_up_proj, m.down_proj]  # noqa: E731
+    comp = copy.deepcopy(ref)
+    if kind == "linear":
+        assert torch._dynamo.explain(comp)(*args).graph_break_count == 0
+    results = []
+    for mod, fn in [(ref, ref), (comp, torch.compile(comp, backend="aot_eager", fullgraph=kind == "linear"))]:
+        x = args[0].clone().requires_grad_()
+        y = fn(x, *args[1:])
+        y = y if kind == "linear" else y[0]
+        y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(3)))
+        results.append([y, x.grad] + [p.grad for p in params(mod)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_apply_fp8_swaps_the_recipe_modules_only():
     cfg = dsv3.ModelConfig.preset("tiny")
     model = dsv3.build_model(cfg, seed=0)

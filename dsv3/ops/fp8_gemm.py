@@ -99,14 +99,19 @@ def _dense_tiles(rows: int, device: torch.device) -> RowTiles:
     return _group_tiles(rows, torch.full((1,), rows, dtype=torch.int32, device=device))
 
 
+def tile_count(rows: int, groups: int) -> int:
+    """The number of row tiles (real and empty) for `rows` rows in `groups` groups: sum_g ceil(c_g / 128) <=
+    ceil(M / 128) + G - 1 for any split of M rows, a count known without a host sync."""
+    return max(-(-rows // BLOCK) + groups - 1, 0)
+
+
 def _group_tiles(rows: int, offs: torch.Tensor) -> RowTiles:
     g = offs.shape[0]
     ends = offs.long()
     counts = ends - F.pad(ends[:-1], (1, 0))
     per_group = (counts + BLOCK - 1) // BLOCK
     last = per_group.cumsum(0)  # [G] one past each group's last tile
-    # sum_g ceil(c_g / 128) <= ceil(M / 128) + G - 1 for any split of M rows: a count known without a host sync.
-    n = max(-(-rows // BLOCK) + g - 1, 0)
+    n = tile_count(rows, g)
     t = torch.arange(n, device=offs.device)
     grp = torch.searchsorted(last, t, right=True).clamp(max=g - 1)
     valid = t < last[-1]
