@@ -105,15 +105,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1f * cos - x2f * sin, x2f * cos + x1f * sin], dim=-1).to(x.dtype)
 
 
-def share_weight(*layers: nn.Module) -> torch.Tensor | None:
+def share_weight(*layers: nn.Module, current: torch.Tensor | None = None) -> torch.Tensor | None:
     """Make the weights of linear layers that read one input views of a single [sum of N, K] buffer and return it,
     so that one GEMM computes them all (`F.linear(x, buffer)`, split). The parameters keep their names, shapes and
     values, and an in-place load writes through to the buffer; assigning a new weight afterwards would not, so
     this is for a model whose weights are final (an inference engine's). None where the layers are not all plain
-    bias-free nn.Linear of one device, dtype and input width: quantised and FP8 layers keep their own kernels."""
+    bias-free nn.Linear of one device, dtype and input width: quantised and FP8 layers keep their own kernels.
+    Weights that are already views of `current` (an earlier call's buffer) keep it: a second engine over the same
+    model must not free the memory the first one's CUDA graphs read."""
     weights = [layer.weight for layer in layers if type(layer) is nn.Linear and layer.bias is None]
     if len(weights) != len(layers) or len({(w.device, w.dtype, w.shape[1]) for w in weights}) != 1:
         return None
+    if current is not None and current.shape == (sum(w.shape[0] for w in weights), weights[0].shape[1]) and all(
+            w.data_ptr() == part.data_ptr() for w, part in zip(weights, current.split([w.shape[0] for w in weights]))):
+        return current
     buffer = torch.cat([w.detach() for w in weights])  # [sum N, K]
     for w, part in zip(weights, buffer.split([w.shape[0] for w in weights])):
         w.data = part
@@ -152,7 +157,7 @@ class MLA(nn.Module):
 
     def share_input_weights(self) -> None:
         first = self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
-        self.input_weight = share_weight(first, self.kv_a_proj_with_mqa)
+        self.input_weight = share_weight(first, self.kv_a_proj_with_mqa, current=self.input_weight)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -202,7 +207,7 @@ class MLP(nn.Module):
         self.input_weight: torch.Tensor | None = None  # share_input_weights: [gate rows; up rows]
 
     def share_input_weights(self) -> None:
-        self.input_weight = share_weight(self.gate_proj, self.up_proj)
+        self.input_weight = share_weight(self.gate_proj, self.up_proj, current=self.input_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = shared_linear(x, self.input_weight, self.gate_proj, self.up_proj)

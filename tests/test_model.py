@@ -202,6 +202,9 @@ def test_shared_input_weights_change_nothing_but_the_gemm_count(q_lora_rank):
     assert attn.input_weight is not None and mlp.input_weight is not None
     first = attn.q_proj if q_lora_rank is None else attn.q_a_proj
     assert first.weight.data_ptr() == attn.input_weight.data_ptr()  # views of the buffer, not copies
+    buffers = attn.input_weight, mlp.input_weight
+    model.share_input_weights()  # a second engine over the same model keeps the buffers (CUDA graphs read them)
+    assert attn.input_weight is buffers[0] and mlp.input_weight is buffers[1]
     state = model.state_dict()
     assert state.keys() == names.keys() and all(torch.equal(state[k], v) for k, v in names.items())
     with torch.no_grad():
