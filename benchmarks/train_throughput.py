@@ -41,7 +41,7 @@ def _time_steps(step, n_warmup: int, n_steps: int) -> float:
     return (time.perf_counter() - t0) / n_steps
 
 
-def dsv3_step_fn(model, batches, mtp: bool):
+def dsv3_step_fn(model, batches, mtp: bool, accum: int):
     cfg = model.cfg
     opt = _optimizer(model)
     moe = model.moe_layers()
@@ -51,33 +51,37 @@ def dsv3_step_fn(model, batches, mtp: bool):
     head = model.lm_head.weight
 
     def step():
-        batch = batches[next(it) % len(batches)]
-        with torch.autocast("cuda", dtype=torch.bfloat16):  # the trainer's loss: the head applied in chunks
-            out = model(batch[:, :-1], mtp=mtp, head=False)
-            loss, _ = head_cross_entropy(out.hidden.flatten(0, 1), head, batch[:, 1:].flatten())
-            if mtp:
-                loss = loss + 0.3 * mtp_terms(out.mtp_hidden, head, batch)[0][0]
-        loss = loss + 1e-4 * sum(balance_loss(m.routing, batch.shape[0], cfg.n_routed_experts,
-                                              cfg.num_experts_per_tok) for m in moe)
-        loss.backward()
+        loads = None
+        for _ in range(accum):
+            batch = batches[next(it) % len(batches)]
+            with torch.autocast("cuda", dtype=torch.bfloat16):  # the trainer's loss: the head applied in chunks
+                out = model(batch[:, :-1], mtp=mtp, head=False)
+                loss, _ = head_cross_entropy(out.hidden.flatten(0, 1), head, batch[:, 1:].flatten())
+                if mtp:
+                    loss = loss + 0.3 * mtp_terms(out.mtp_hidden, head, batch)[0][0]
+            loss = loss + 1e-4 * sum(balance_loss(m.routing, batch.shape[0], cfg.n_routed_experts,
+                                                  cfg.num_experts_per_tok) for m in moe)
+            (loss / accum).backward()
+            loads = [m.load for m in moe] if loads is None else [a + m.load for a, m in zip(loads, moe)]
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        update_bias(moe, [m.load for m in moe], 1e-3)
+        update_bias(moe, loads, 1e-3)
 
     return step
 
 
-def hf_step_fn(model, batches):
+def hf_step_fn(model, batches, accum: int):
     opt = _optimizer(model)
     it = iter(range(10**9))
 
     def step():
-        batch = batches[next(it) % len(batches)]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-        loss.backward()
+        for _ in range(accum):
+            batch = batches[next(it) % len(batches)]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(batch[:, :-1]).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -91,6 +95,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--accum", type=int, default=1,
+                   help="micro-batches per optimiser step, for both (the optimiser's pass over 1.45B fp32 parameters "
+                        "and their moments is then paid once per accum x batch x seq tokens)")
     p.add_argument("--compile", action="store_true", help="also time dsv3 under torch.compile")
     p.add_argument("--hf-impls", default="grouped_mm,eager")
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
@@ -107,11 +114,12 @@ def main() -> None:
     gen = torch.Generator(device="cpu").manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
                for _ in range(4)]
-    tokens = args.batch * args.seq
+    tokens = args.accum * args.batch * args.seq  # per optimiser step
     peak = peak_bf16_flops(device) or 989e12
     flops = {d: model_stats(cfg.replace(num_nextn_predict_layers=d), args.seq) for d in (0, 1)}
     fpt = {0: 3 * flops[0].fwd_flops_per_token, 1: flops[1].train_flops_per_token}
-    results: dict = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "peak_tflops": peak / 1e12,
+    results: dict = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "accum": args.accum,
+                     "peak_tflops": peak / 1e12,
                      "train_flops_per_token": fpt}
 
     def record(key: str, seconds: float, flops_per_token: float) -> None:
@@ -130,7 +138,7 @@ def main() -> None:
             results[f"hf_{impl}_error"] = str(e)[:200]
             continue
         hf.train()
-        record(f"hf_{impl}", _time_steps(hf_step_fn(hf, batches), 2, args.steps), fpt[0])
+        record(f"hf_{impl}", _time_steps(hf_step_fn(hf, batches, args.accum), 2, args.steps), fpt[0])
         del hf
         torch.cuda.empty_cache()
     variants = [("dsv3", 0, False, False), ("dsv3_mtp", 1, False, False)]
@@ -149,7 +157,7 @@ def main() -> None:
             apply_fp8(model)
         model.train()
         run = torch.compile(model) if compiled else model
-        step = dsv3_step_fn(run, batches, mtp=depth > 0)
+        step = dsv3_step_fn(run, batches, depth > 0, args.accum)
         record(key, _time_steps(step, 3 if compiled else 2, args.steps), fpt[depth])
         if args.profile and depth == 1:
             results[f"{key}_profile"] = kernel_profile(step, device, top=25)
