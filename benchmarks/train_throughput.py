@@ -96,8 +96,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--accum", type=int, default=1,
-                   help="micro-batches per optimiser step, for both (the optimiser's pass over 1.45B fp32 parameters "
-                        "and their moments is then paid once per accum x batch x seq tokens)")
+                   help="micro-batches per optimiser step, for both (the optimiser's pass over every fp32 parameter "
+                        "and its moments is then paid once per accum x batch x seq tokens)")
     p.add_argument("--compile", action="store_true", help="also time dsv3 under torch.compile")
     p.add_argument("--hf-impls", default="grouped_mm,eager")
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
