@@ -53,12 +53,15 @@ def test_decode_reference_matches_loop(m, h, c, r, bs, width, seqs):
 
 KERNEL_CHECK = """
 import torch
+from dsv3.ops import mla_decode
 from dsv3.ops.mla_decode import mla_decode_reference, mla_decode_triton
 from tests.test_engine_attention import _random_decode_inputs
-for i, shape in enumerate([(5, 4, 32, 16, 4, 6, 3), (3, 20, 48, 24, 64, 3, 2), (2, 16, 64, 8, 8, 40, 2)]):
-    args = _random_decode_inputs(*shape, torch.Generator().manual_seed(i))
-    err = (mla_decode_triton(*args, 0.2) - mla_decode_reference(*args, 0.2)).abs().max().item()
-    assert err < 1e-4, (shape, err)
+# The merge's own tiles, then small ones, so that it loops over several chunks of splits and channels.
+for mla_decode.MERGE_S, mla_decode.MERGE_C in [(32, 64), (4, 16)]:
+    for i, shape in enumerate([(5, 4, 32, 16, 4, 6, 3), (3, 20, 48, 24, 64, 3, 2), (2, 16, 64, 8, 8, 40, 2)]):
+        args = _random_decode_inputs(*shape, torch.Generator().manual_seed(i))
+        err = (mla_decode_triton(*args, 0.2) - mla_decode_reference(*args, 0.2)).abs().max().item()
+        assert err < 1e-4, (shape, err)
 print("ok")
 """
 

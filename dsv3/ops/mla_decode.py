@@ -13,8 +13,10 @@ Notable features:
 - Query rows, not sequences: row m reads the table of sequence `seq[m]` and sees its first `lengths[m]` tokens, so the
   rows of a speculative verification (several positions of one sequence) and plain decode rows share one launch.
 - The kernel is split-K ("flash decoding"): programs over (row, block of 16 heads, split of the pages) each run an
-  online softmax over their pages and write a partial output with its log-sum-exp; a torch epilogue merges the
-  splits. The split count depends on shapes only, never on the lengths, so the launch can live in a CUDA graph.
+  online softmax over their pages and write a partial output with its log-sum-exp; a second kernel merges the
+  splits (one launch, where the torch epilogue it replaces took four: at batch 1 each costs as much as the
+  attention itself). The split count depends on shapes only, never on the lengths, so the launches can live in a
+  CUDA graph.
 - Any C, R and head count (power-of-two tiles with masks); tokens past a row's length are never read. Queries, seq
   and lengths may be strided views (the engine passes columns of its packed row tensor).
 - `mla_decode_reference` is the plain gather-and-softmax the kernel is tested against; it is also the CPU path.
@@ -34,6 +36,7 @@ except ImportError:  # CPU-only installs: the reference serves
 
 BLOCK_H = 16  # heads per program: tl.dot needs at least 16 rows
 BLOCK_N = 32  # cached tokens per inner step
+MERGE_S, MERGE_C = 32, 64  # the merge's tile: splits x latent channels per step
 
 
 def mla_decode_reference(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -97,9 +100,9 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         C=c, R=r, BLOCK_C=max(16, triton.next_power_of_2(c)), BLOCK_R=max(16, triton.next_power_of_2(r)),
         BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, PAGE=page, num_warps=4, num_stages=2,
     )
-    # Merge the splits: each partial is normalised by its own softmax sum, so weight it by exp(lse - logsumexp).
-    weights = lse.softmax(dim=1)  # [M, splits, H]; a row's first split always holds tokens (lengths >= 1)
-    return (weights.unsqueeze(-1) * partial).sum(dim=1).to(q_lat.dtype)
+    out = torch.empty_like(q_lat, memory_format=torch.contiguous_format)  # [M, H, C]
+    _mla_merge[(m, h, triton.cdiv(c, MERGE_C))](partial, lse, out, splits, h, C=c, BLOCK_S=MERGE_S, BLOCK_C=MERGE_C)
+    return out
 
 
 if triton is not None:
@@ -158,3 +161,34 @@ if triton is not None:
         base = (row * n_splits + split) * H
         tl.store(OUT + (base + heads)[:, None] * C + offs_c[None, :], out, mask=hmask[:, None] & cmask[None, :])
         tl.store(LSE + base + heads, lse, mask=hmask)
+
+    @triton.jit
+    def _mla_merge(PART, LSE, OUT, n_splits, H, C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Program (row, head, channel block): out = sum over splits of exp(lse_s - logsumexp(lse)) * part_s. Each
+        # partial is normalised by its own softmax sum, so these weights make the softmax over all the tokens. A
+        # row's first split always holds tokens (lengths >= 1), so the max below is finite; empty splits (lse
+        # -inf) weigh 0.
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = offs_c < C
+        offs_s = tl.arange(0, BLOCK_S)
+        first = LSE + row * n_splits * H + head  # lse of split s at first + s * H
+        lse0 = tl.load(first + offs_s * H, mask=offs_s < n_splits, other=float("-inf"))
+        top = tl.max(lse0, axis=0)
+        for s0 in range(BLOCK_S, n_splits, BLOCK_S):
+            chunk = tl.load(first + (s0 + offs_s) * H, mask=s0 + offs_s < n_splits, other=float("-inf"))
+            top = tl.maximum(top, tl.max(chunk, axis=0))
+        total = tl.sum(tl.exp(lse0 - top), axis=0)
+        for s0 in range(BLOCK_S, n_splits, BLOCK_S):
+            chunk = tl.load(first + (s0 + offs_s) * H, mask=s0 + offs_s < n_splits, other=float("-inf"))
+            total += tl.sum(tl.exp(chunk - top), axis=0)
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            splits = s0 + offs_s
+            smask = splits < n_splits
+            w = tl.exp(tl.load(first + splits * H, mask=smask, other=float("-inf")) - top) / total  # [BLOCK_S]
+            part = tl.load(PART + ((row * n_splits + splits) * H + head)[:, None] * C + offs_c[None, :],
+                           mask=smask[:, None] & cmask[None, :], other=0.0)  # [BLOCK_S, BLOCK_C]
+            acc += tl.sum(part * w[:, None], axis=0)
+        tl.store(OUT + (row * H + head) * C + offs_c, acc.to(OUT.dtype.element_ty), mask=cmask)
