@@ -235,6 +235,26 @@ def test_compiled_fp8_layers_are_one_graph_with_eager_numerics(kind):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("offs", [None, [0, 70, 70, 150]])
+def test_fp8_custom_ops_fakes_match_what_they_return(offs):
+    # The shapes torch.compile plans with (the ops' fake kernels) against the emulated ops' results.
+    torch.manual_seed(3)
+    groups = 1 if offs is None else len(offs)
+    offs = None if offs is None else torch.tensor(offs, dtype=torch.int32)
+    x, w, dy = torch.randn(150, 200), torch.randn(groups, 72, 200), torch.randn(150, 72)
+    q, qt, ws = torch.ops.dsv3.fp8_quantize_weight(w, False, True)
+    check = dict(test_utils="test_faketensor")
+    torch.library.opcheck(torch.ops.dsv3.fp8_quantize_weight, (w, False, True), **check)
+    for keep in (True, False):
+        torch.library.opcheck(torch.ops.dsv3.fp8_matmul, (x, w, q, qt, ws, offs, keep, False, True, torch.float32),
+                              **check)
+    _, xqt, xst = torch.ops.dsv3.fp8_matmul(x, w, q, qt, ws, offs, True, False, True, torch.float32)
+    for need_x, need_w in [(True, True), (True, False), (False, True)]:
+        torch.library.opcheck(torch.ops.dsv3.fp8_matmul_backward, (dy, xqt, xst, qt, ws, offs, 200, groups, need_x,
+                                                                   need_w, False, True, torch.float32, torch.float32),
+                              **check)
+
+
 def test_apply_fp8_swaps_the_recipe_modules_only():
     cfg = dsv3.ModelConfig.preset("tiny")
     model = dsv3.build_model(cfg, seed=0)

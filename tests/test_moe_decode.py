@@ -194,6 +194,22 @@ def test_kernel_custom_ops_compile(n_shared):
     assert torch.equal(counts, expected_counts)
 
 
+@interpreted
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("n_shared", [0, 2])
+def test_experts_op_fake_matches_the_kernels(n_shared, fp8):
+    # The shapes torch.compile plans with (the op's fake kernel) against what the kernels return.
+    x, gate_up, down, weights, indices, shared = _experts_inputs(3, e=16, d=96, inter=80, k=4, n_shared=n_shared,
+                                                                 dtype=torch.bfloat16, seed=0)
+    scales = (None, None, 0)
+    if fp8:
+        gate_up, down, stacks = fp8_stacks(gate_up, down)
+        scales = (stacks.gate_up_scale_inv, stacks.down_scale_inv, stacks.inter)
+    torch.library.opcheck(torch.ops.dsv3.moe_experts,
+                          (x, gate_up, down, weights, indices, *(shared or (None,) * 3), *scales),
+                          test_utils="test_faketensor")  # opcheck's other checks do arithmetic e4m3 lacks on a CPU
+
+
 # ---- the model's MoE on the GPU ----------------------------------------------------------------------------------
 def _gpu_moe(cfg: dsv3.ModelConfig) -> MoE:
     torch.manual_seed(0)

@@ -224,6 +224,14 @@ def select_triton(scores: torch.Tensor, bias: torch.Tensor | None, spec: RouteSp
 def experts_triton(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
                    indices: torch.Tensor, shared: SharedWeights | None = None, fp8: Fp8Experts | None = None
                    ) -> torch.Tensor:
+    return expert_parts(x, gate_up_proj, down_proj, weights, indices, shared, fp8).sum(dim=1).to(x.dtype)
+
+
+def expert_parts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+                 indices: torch.Tensor, shared: SharedWeights | None = None, fp8: Fp8Experts | None = None
+                 ) -> torch.Tensor:
+    """The two kernels of experts_triton: each token's K + NS pairs (routed experts times their weights, then the
+    shared MLP's slices) -> [T, K + NS, D] fp32, which the caller sums."""
     if triton is None:
         raise RuntimeError("the fused expert kernels need the triton package")
     t, d = x.shape
@@ -256,7 +264,7 @@ def experts_triton(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch
     _down_kernel[lambda meta: (pairs, triton.cdiv(d, meta["BLOCK_D"]))](
         h, down_proj, down_scale, s_down, indices, weights, part, d, inter, down_proj.shape[1], down_stride, pairs,
         K=k, NS=ns, FP8=fp8 is not None, **fixed_meta(_DOWN_CONFIGS))
-    return part.view(t, k + ns, d).sum(dim=1).to(x.dtype)
+    return part.view(t, k + ns, d)
 
 
 # ---- custom ops: what torch.compile sees (see the module docstring) ----------------------------------------------
@@ -292,15 +300,19 @@ def _experts_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Te
                 indices: torch.Tensor, shared_gate: torch.Tensor | None, shared_up: torch.Tensor | None,
                 shared_down: torch.Tensor | None, gate_up_scale_inv: torch.Tensor | None,
                 down_scale_inv: torch.Tensor | None, inter: int) -> torch.Tensor:
+    # The pairs' outputs, summed by the caller's compiled graph: the sum and cast fuse there with what follows
+    # (the residual add) instead of taking launches of their own.
     shared = None if shared_gate is None else (shared_gate, shared_up, shared_down)
     fp8 = None if gate_up_scale_inv is None else Fp8Experts(gate_up_scale_inv, down_scale_inv, inter)
-    return experts_triton(x, gate_up_proj, down_proj, weights, indices, shared, fp8)
+    return expert_parts(x, gate_up_proj, down_proj, weights, indices, shared, fp8)
 
 
 @_experts_op.register_fake
 def _(x, gate_up_proj, down_proj, weights, indices, shared_gate, shared_up, shared_down, gate_up_scale_inv,
       down_scale_inv, inter):
-    return x.new_empty(x.shape)  # [T, D], contiguous
+    inter = down_proj.shape[-1] if gate_up_scale_inv is None else inter  # as experts_triton reads it
+    n_shared = 0 if shared_down is None else shared_down.shape[1] // inter
+    return x.new_empty((x.shape[0], indices.shape[1] + n_shared, x.shape[1]), dtype=torch.float32)
 
 
 def route(logits: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
@@ -328,7 +340,7 @@ def experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     if torch.compiler.is_compiling():
         scales = (None, None, 0) if fp8 is None else (fp8.gate_up_scale_inv, fp8.down_scale_inv, fp8.inter)
         return torch.ops.dsv3.moe_experts(x, gate_up_proj, down_proj, weights, indices, *(shared or (None,) * 3),
-                                          *scales)
+                                          *scales).sum(dim=1).to(x.dtype)
     return experts_triton(x, gate_up_proj, down_proj, weights, indices, shared, fp8)
 
 
