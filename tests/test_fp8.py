@@ -235,6 +235,30 @@ def test_compiled_fp8_layers_are_one_graph_with_eager_numerics(kind):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_compiled_fp8_model_under_autocast_is_one_graph_with_eager_gradients():
+    # The trainer's setting (bf16 autocast) on a whole model: dynamo captures it in one graph, and with the eager
+    # backend (the captured graph run op by op) the loss and every gradient equal the uncompiled model's. Under
+    # aot_eager they would not: AOTAutograd's own backward of the bf16 ops sums in another order, and FP8
+    # requantisation turns such ulps into visible differences.
+    cfg = dsv3.ModelConfig.preset("tiny")
+    model = apply_fp8(dsv3.build_model(cfg, seed=0), emulate=True)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 65), generator=torch.Generator().manual_seed(0))
+
+    def loss(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = fn(ids[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+
+    assert torch._dynamo.explain(twin)(ids[:, :-1]).graph_break_count == 0
+    eager, compiled = loss(model), loss(torch.compile(twin, backend="eager"))
+    eager.backward()
+    compiled.backward()
+    assert torch.equal(eager, compiled)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
+
+
 @pytest.mark.parametrize("offs", [None, [0, 70, 70, 150]])
 def test_fp8_custom_ops_fakes_match_what_they_return(offs):
     # The shapes torch.compile plans with (the ops' fake kernels) against the emulated ops' results.
