@@ -58,6 +58,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
         # Autocast does not know this op: follow its dtype by hand, as it would for F.linear.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
-    if x.shape[0] > 0 and fused_available(x):
+    # Under torch.compile torch._grouped_mm takes bf16 only: its meta kernel, which the compiler traces with,
+    # refuses other dtypes. And on the CPU (torch 2.13) inductor's code for its backward gave NaN expert gradients
+    # in bf16 where eager gave none, so compiled CPU training takes the reference too (a graph break at its host
+    # sync); compiled CPU inference (the engine) keeps the fused op.
+    training = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    compiled_ok = x.dtype == torch.bfloat16 and (x.is_cuda or not training)
+    if x.shape[0] > 0 and fused_available(x) and (compiled_ok or not torch.compiler.is_compiling()):
         return torch._grouped_mm(x, w, offs=offs)
     return grouped_mm_reference(x, w, offs)
