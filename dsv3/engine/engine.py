@@ -101,7 +101,8 @@ class Engine:
         if compile and self.runner.moes and not (fused and dtype == torch.bfloat16):
             # torch._grouped_mm traces in bf16 only (its meta kernel refuses fp32, which the CPU kernel would run).
             raise ValueError(f"compile=True needs bf16 experts that run the fused grouped GEMM (compute capability "
-                             f">= 9.0, or the CPU); this model is {dtype} on {self.device}")
+                             f">= 9.0, or the CPU); this model is {dtype} on {self.device} (load it in bf16: "
+                             f"--dtype bfloat16 for dsv3 generate, chat and serve)")
         self.graphs = None
         capture = cuda_graphs if cuda_graphs is not None else capturable
         if capture or compile:
