@@ -433,30 +433,10 @@ if triton is not None:
             tl.store(COUNTS + grp2 * PG + j2, counts, mask=cmask)
 
     @triton.jit
-    def _gate_up_kernel(X, W, WS, SG, SU, IDX, H, stride_x, D, I, UP, WD, n_pairs, K: tl.constexpr,
-                        NS: tl.constexpr, FP8: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
-        # Program (pair, tile): rows [tile * BLOCK_I, +BLOCK_I) of the gate and of the up projection of one pair's
-        # expert (pairs as in `experts_triton`). Pairs vary fastest, so the programs reading one weight tile for
-        # several tokens (an expert they all chose, the shared MLP) run together and mostly hit L2. A routed
-        # expert's stack holds gate rows from 0 and up rows from UP, WD elements apart (I and D for bf16; the
-        # padded Ip and Dp for FP8, whose weights are scaled by their 128x128 block's scale as they are loaded).
-        pair = tl.program_id(0)
-        tok = pair // (K + NS)
-        slot = pair % (K + NS)
-        rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-        rmask = rows < I
-        routed = slot < K
-        expert = tl.load(IDX + tok * K + slot, mask=routed, other=0).to(tl.int64)
-        if routed:  # a routed expert of the stack
-            w_gate = W + expert * 2 * UP * WD + rows[:, None] * WD  # [BLOCK_I, 1] row starts
-            w_up = w_gate + UP * WD
-        else:  # I-wide slice slot - K of the shared MLP: its rows of gate_proj and up_proj [NS * I, D]
-            first = (slot - K).to(tl.int64) * I * D
-            w_gate = SG + first + rows[:, None] * D
-            w_up = SU + first + rows[:, None] * D
-        # FP8 block scales of the routed expert's gate and up rows ([E, 2UP/128, WD/128]); shared slots read none.
-        s_rows = WS + expert * (2 * UP // 128) * (WD // 128) + (rows // 128)[:, None] * (WD // 128)
-        x_row = X + tok * stride_x
+    def _gate_up_rows(x_row, w_gate, w_up, s_gate, s_up, rmask, D, SCALED: tl.constexpr, BLOCK_I: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+        # (gate . x, up . x) for BLOCK_I rows, given as row-start pointers [BLOCK_I, 1] into the gate and up
+        # weights; SCALED multiplies each weight by its 128x128 block's scale (s_gate, s_up: the rows' scale rows).
         acc_g = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -466,16 +446,58 @@ if triton is not None:
             m = rmask[:, None] & cmask[None, :]
             wg = tl.load(w_gate + cols[None, :], mask=m, other=0.0).to(tl.float32)
             wu = tl.load(w_up + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            if FP8:
-                if routed:
-                    wg *= tl.load(s_rows + (cols // 128)[None, :], mask=m, other=1.0)
-                    wu *= tl.load(s_rows + (UP // 128) * (WD // 128) + (cols // 128)[None, :], mask=m, other=1.0)
+            if SCALED:
+                wg *= tl.load(s_gate + (cols // 128)[None, :], mask=m, other=1.0)
+                wu *= tl.load(s_up + (cols // 128)[None, :], mask=m, other=1.0)
             acc_g += wg * x
             acc_u += wu * x
-        gate = tl.sum(acc_g, axis=1)
-        up = tl.sum(acc_u, axis=1)
+        return tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1)
+
+    @triton.jit
+    def _gate_up_kernel(X, W, WS, SG, SU, IDX, H, stride_x, D, I, UP, WD, n_pairs, K: tl.constexpr,
+                        NS: tl.constexpr, FP8: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Program (pair, tile): rows [tile * BLOCK_I, +BLOCK_I) of the gate and of the up projection of one pair's
+        # expert (pairs as in `experts_triton`). Pairs vary fastest, so the programs reading one weight tile for
+        # several tokens (an expert they all chose, the shared MLP) run together and mostly hit L2. A routed
+        # expert's stack holds gate rows from 0 and up rows from UP, WD elements apart (I and D for bf16; the
+        # padded Ip and Dp for FP8, whose weights are scaled by their 128x128 block's scale as they are loaded).
+        # The two branches call the row loop separately: an FP8 stack and the bf16 shared MLP are pointers of
+        # different types, which the compiler will not merge into one variable.
+        pair = tl.program_id(0)
+        tok = pair // (K + NS)
+        slot = pair % (K + NS)
+        rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        rmask = rows < I
+        x_row = X + tok * stride_x
+        if slot < K:  # a routed expert of the stack
+            expert = tl.load(IDX + tok * K + slot).to(tl.int64)
+            w_gate = W + expert * 2 * UP * WD + rows[:, None] * WD  # [BLOCK_I, 1] row starts
+            # its FP8 block scales ([E, 2UP/128, WD/128]): gate rows', then up rows'
+            s_gate = WS + expert * (2 * UP // 128) * (WD // 128) + (rows // 128)[:, None] * (WD // 128)
+            gate, up = _gate_up_rows(x_row, w_gate, w_gate + UP * WD, s_gate, s_gate + (UP // 128) * (WD // 128),
+                                     rmask, D, FP8, BLOCK_I, BLOCK_D)
+        else:  # I-wide slice slot - K of the shared MLP: its rows of gate_proj and up_proj [NS * I, D]
+            first = (slot - K).to(tl.int64) * I * D
+            gate, up = _gate_up_rows(x_row, SG + first + rows[:, None] * D, SU + first + rows[:, None] * D, WS, WS,
+                                     rmask, D, False, BLOCK_I, BLOCK_D)
         h = gate * tl.sigmoid(gate) * up  # silu(gate) * up
         tl.store(H + pair * I + rows, h.to(H.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def _down_rows(h_row, w_rows, s_rows, rmask, I, SCALED: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_I: tl.constexpr):
+        # w . h for BLOCK_D rows given as row-start pointers [BLOCK_D, 1]; SCALED as in _gate_up_rows.
+        acc = tl.zeros([BLOCK_D, BLOCK_I], dtype=tl.float32)
+        for i0 in range(0, I, BLOCK_I):
+            cols = i0 + tl.arange(0, BLOCK_I)
+            cmask = cols < I
+            h = tl.load(h_row + cols, mask=cmask, other=0.0).to(tl.float32)
+            m = rmask[:, None] & cmask[None, :]
+            w = tl.load(w_rows + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            if SCALED:
+                w *= tl.load(s_rows + (cols // 128)[None, :], mask=m, other=1.0)
+            acc += w * h[None, :]
+        return tl.sum(acc, axis=1)
 
     @triton.jit
     def _down_kernel(H, W, WS, SD, IDX, WTS, Y, D, I, DR, WI, n_pairs, K: tl.constexpr, NS: tl.constexpr,
@@ -484,31 +506,22 @@ if triton is not None:
         # shared MLP's slices), in fp32; the launcher sums each token's K + NS pairs. A program per pair rather than
         # per token: at T = 1 the 16b shapes give K + NS times more programs, which a GEMV needs to keep enough
         # loads in flight. A routed expert's [DR, WI] matrix is [D, I] for bf16, the padded [Dp, Ip] for FP8.
+        # Two calls of the row loop for the reason _gate_up_kernel gives.
         pair = tl.program_id(0)
         tok = pair // (K + NS)
         slot = pair % (K + NS)
         rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         rmask = rows < D
-        routed = slot < K
-        expert = tl.load(IDX + tok * K + slot, mask=routed, other=0).to(tl.int64)
-        if routed:  # a routed expert of the stack
-            w_rows = W + expert * DR * WI + rows[:, None] * WI  # [BLOCK_D, 1] row starts
+        if slot < K:  # a routed expert of the stack
+            expert = tl.load(IDX + tok * K + slot).to(tl.int64)
+            s_rows = WS + expert * (DR // 128) * (WI // 128) + (rows // 128)[:, None] * (WI // 128)
+            out = _down_rows(H + pair * I, W + expert * DR * WI + rows[:, None] * WI, s_rows, rmask, I, FP8,
+                             BLOCK_D, BLOCK_I)
+            out *= tl.load(WTS + tok * K + slot)  # its routing weight
         else:  # columns [(slot - K) * I, +I) of the shared MLP's down_proj [D, NS * I]
-            w_rows = SD + (slot - K).to(tl.int64) * I + rows[:, None] * (NS * I)
-        s_rows = WS + expert * (DR // 128) * (WI // 128) + (rows // 128)[:, None] * (WI // 128)
-        acc = tl.zeros([BLOCK_D, BLOCK_I], dtype=tl.float32)
-        for i0 in range(0, I, BLOCK_I):
-            cols = i0 + tl.arange(0, BLOCK_I)
-            cmask = cols < I
-            h = tl.load(H + pair * I + cols, mask=cmask, other=0.0).to(tl.float32)
-            m = rmask[:, None] & cmask[None, :]
-            w = tl.load(w_rows + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            if FP8:
-                if routed:
-                    w *= tl.load(s_rows + (cols // 128)[None, :], mask=m, other=1.0)
-            acc += w * h[None, :]
-        weight = tl.load(WTS + tok * K + slot, mask=routed, other=1.0)
-        tl.store(Y + pair * D + rows, tl.sum(acc, axis=1) * weight, mask=rmask)
+            out = _down_rows(H + pair * I, SD + (slot - K).to(tl.int64) * I + rows[:, None] * (NS * I), WS, rmask, I,
+                             False, BLOCK_D, BLOCK_I)
+        tl.store(Y + pair * D + rows, out, mask=rmask)
 
     _GATE_UP_CONFIGS = gemv_configs("BLOCK_I", "BLOCK_D")
     _DOWN_CONFIGS = gemv_configs("BLOCK_D", "BLOCK_I")
