@@ -1,4 +1,4 @@
-"""The decode kernels compile for Hopper (sm_90) on a machine without a GPU. The interpreter, under which the other
+"""The Triton kernels compile for Hopper (sm_90) on a machine without a GPU. The interpreter, under which the other
 CPU tests run them, checks what they compute but not what only the compiler refuses (the types of values carried
 through loops, tile shapes, dot operand layouts): without this, only a GPU run would show such an error."""
 
@@ -6,32 +6,34 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from dsv3.ops import mla_decode, moe_decode  # noqa: E402
+from dsv3.ops import cross_entropy, fp8_gemm, mla_decode, moe_decode  # noqa: E402
 from dsv3.ops.tuning import GEMV_TILES, INTERPRET  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="under the interpreter the kernels are not compiled")
 HOPPER = triton.backends.compiler.GPUTarget("cuda", 90, 32)
 
 
-def _compile(kernel, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> None:
+def _compile(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> None:
+    """Compile `kernel` for sm_90 with `types` for its pointers and scalars (other arguments are i32 scalars)."""
     fn = kernel
     while not isinstance(fn, triton.runtime.JITFunction):  # an autotuned kernel wraps its JITFunction
         fn = fn.fn
-    names = fn.arg_names
-    missing = set(names) - set(signature) - set(constexprs)
-    assert not missing, f"no type given for {sorted(missing)}"
-    full = {name: signature.get(name, "constexpr") for name in names}
-    source = triton.compiler.ASTSource(fn=fn, signature=full, constexprs=constexprs)
+    constant = {fn.arg_names[i] for i in fn.constexprs}
+    assert constant == set(constexprs), f"constexprs to give: {sorted(constant)}"
+    signature = {name: "constexpr" if name in constant else types.get(name, "i32") for name in fn.arg_names}
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     assert "ptx" in compiled.asm
+
+
+def _config(configs: list) -> tuple[dict, int, int]:
+    return configs[0].kwargs, configs[0].num_warps, configs[0].num_stages
 
 
 def test_mla_decode_kernels():
     ptr = {"Q": "*bf16", "QPE": "*bf16", "KV": "*bf16", "BT": "*i64", "SEQ": "*i64", "LENS": "*i64",
            "OUT": "*fp32", "LSE": "*fp32", "scale": "fp32"}
-    ints = {n: "i32" for n in ("stride_qm", "stride_qh", "stride_pm", "stride_ph", "stride_bt", "stride_seq",
-                               "stride_len", "H", "PAGES_PER_SPLIT")}
-    _compile(mla_decode._mla_decode_split, {**ptr, **ints},  # the DeepSeek-V3 latent: C 512, R 64
+    _compile(mla_decode._mla_decode_split, ptr,  # the DeepSeek-V3 latent: C 512, R 64
              dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, BLOCK_H=mla_decode.BLOCK_H, BLOCK_N=mla_decode.BLOCK_N,
                   PAGE=64))
     _compile(mla_decode._mla_merge, {"PART": "*fp32", "LSE": "*fp32", "OUT": "*bf16", "n_splits": "i32", "H": "i32"},
@@ -54,10 +56,33 @@ def test_route_kernel(select_only):
 def test_expert_kernels(fp8, tile):
     rows, cols, warps, stages = tile
     weight = "*fp8e4nv" if fp8 else "*bf16"
-    ints = dict.fromkeys(("stride_x", "D", "I", "UP", "WD", "DR", "WI", "n_pairs"), "i32")
     _compile(moe_decode._gate_up_kernel,
-             {"X": "*bf16", "W": weight, "WS": "*fp32", "SG": "*bf16", "SU": "*bf16", "IDX": "*i64", "H": "*bf16",
-              **ints}, dict(K=8, NS=1, FP8=fp8, BLOCK_I=rows, BLOCK_D=cols), warps, stages)
+             {"X": "*bf16", "W": weight, "WS": "*fp32", "SG": "*bf16", "SU": "*bf16", "IDX": "*i64", "H": "*bf16"},
+             dict(K=8, NS=1, FP8=fp8, BLOCK_I=rows, BLOCK_D=cols), warps, stages)
     _compile(moe_decode._down_kernel,
-             {"H": "*bf16", "W": weight, "WS": "*fp32", "SD": "*bf16", "IDX": "*i64", "WTS": "*fp32", "Y": "*fp32",
-              **ints}, dict(K=8, NS=1, FP8=fp8, BLOCK_D=rows, BLOCK_I=cols), warps, stages)
+             {"H": "*bf16", "W": weight, "WS": "*fp32", "SD": "*bf16", "IDX": "*i64", "WTS": "*fp32", "Y": "*fp32"},
+             dict(K=8, NS=1, FP8=fp8, BLOCK_D=rows, BLOCK_I=cols), warps, stages)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_fp8_training_kernels(pow2):
+    fp8, tiles = "*fp8e4nv", {"start_ptr": "*i32", "end_ptr": "*i32"}
+    block = fp8_gemm.BLOCK
+    _compile(fp8_gemm._quant_act_kernel, {"x_ptr": "*bf16", "q_ptr": fp8, "s_ptr": "*fp32", "qt_ptr": fp8,
+                                          "st_ptr": "*fp32", **tiles}, dict(POW2=pow2, WITH_COLS=True, BLOCK=block),
+             num_warps=8)
+    _compile(fp8_gemm._quant_weight_kernel, {"w_ptr": "*fp32", "q_ptr": fp8, "s_ptr": "*fp32"},
+             dict(POW2=pow2, BLOCK=block), num_warps=8)
+    meta, warps, stages = _config(fp8_gemm._GEMM_CONFIGS)
+    _compile(fp8_gemm._gemm_kernel, {"a_ptr": fp8, "sa_ptr": "*fp32", "b_ptr": fp8, "sb_ptr": "*fp32",
+                                     "c_ptr": "*bf16", "group_ptr": "*i32", **tiles}, {**meta, "BLOCK": block},
+             warps, stages)
+    meta, warps, stages = _config(fp8_gemm._WGRAD_CONFIGS)
+    _compile(fp8_gemm._wgrad_kernel, {"dy_ptr": fp8, "sdy_ptr": "*fp32", "x_ptr": fp8, "sx_ptr": "*fp32",
+                                      "w_ptr": "*fp32", "first_ptr": "*i32"}, {**meta, "BLOCK": block}, warps, stages)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_head_loss_kernel(grad):
+    _compile(cross_entropy._ce_kernel, {"L": "*bf16", "T": "*i64", "LOSS": "*fp32", "CORRECT": "*i1"},
+             dict(GRAD=grad, BLOCK=cross_entropy.BLOCK_V), num_warps=8)
