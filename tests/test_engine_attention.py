@@ -62,6 +62,8 @@ for mla_decode.MERGE_S, mla_decode.MERGE_C in [(32, 64), (4, 16)]:
         args = _random_decode_inputs(*shape, torch.Generator().manual_seed(i))
         err = (mla_decode_triton(*args, 0.2) - mla_decode_reference(*args, 0.2)).abs().max().item()
         assert err < 1e-4, (shape, err)
+import dsv3.engine.attention  # registers the kernel as the custom op compiled engines call
+torch.library.opcheck(torch.ops.dsv3.mla_decode_triton, (*args, 0.2), test_utils="test_faketensor")
 print("ok")
 """
 
