@@ -195,6 +195,19 @@ def test_kernel_custom_ops_compile(n_shared):
 
 
 @interpreted
+@pytest.mark.parametrize("name", list(ROUTINGS))
+def test_routing_ops_fakes_match_the_kernel(name):
+    # The shapes torch.compile plans with for the routing ops against what the kernel returns.
+    gate, x = _route_inputs(name, 5)
+    spec, logits, bias = RouteSpec.from_config(gate.cfg), gate.logits(x), gate.e_score_correction_bias
+    check = dict(test_utils="test_faketensor")
+    torch.library.opcheck(torch.ops.dsv3.moe_route, (logits, bias, spec.top_k, spec.n_group, spec.topk_group,
+                                                     spec.group_top2, spec.softmax, spec.norm, spec.scale), **check)
+    torch.library.opcheck(torch.ops.dsv3.moe_select, (logits.sigmoid(), bias, spec.top_k, spec.n_group,
+                                                      spec.topk_group, spec.group_top2), **check)
+
+
+@interpreted
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("n_shared", [0, 2])
 def test_experts_op_fake_matches_the_kernels(n_shared, fp8):
