@@ -94,10 +94,9 @@ class Fp8WeightExperts(Experts):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # The stacks without their padding, gate rows then up rows as in Experts (the scale grids stay as they are).
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        gate_up, ip = destination[prefix + "gate_up_proj"], self.gate_up_proj.shape[1] // 2
-        destination[prefix + "gate_up_proj"] = torch.cat(
-            [gate_up[:, : self.inter, : self.dim], gate_up[:, ip: ip + self.inter, : self.dim]], dim=1)
-        destination[prefix + "down_proj"] = destination[prefix + "down_proj"][:, : self.dim, : self.inter]
+        names = prefix + "gate_up_proj", prefix + "down_proj"
+        stacks = moe_decode.unpadded(destination[names[0]], destination[names[1]], self.inter, self.dim)
+        destination.update(zip(names, stacks))
 
     def extra_repr(self) -> str:
         return f"experts={self.gate_up_proj.shape[0]}, dim={self.dim}, inter={self.inter}, emulate={self.emulate}"

@@ -147,13 +147,12 @@ class Fp8Experts:
     inter: int  # I
 
 
-def _dequantized(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, fp8: Fp8Experts, d: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # FP8 stacks -> fp32 [E, 2I, D] and [E, D, I] in the bf16 layout
-    inter, ip = fp8.inter, gate_up_proj.shape[1] // 2
-    gu = dequantize_blocks(gate_up_proj, fp8.gate_up_scale_inv)  # [E, 2Ip, Dp] fp32
-    down = dequantize_blocks(down_proj, fp8.down_scale_inv)  # [E, Dp, Ip]
-    return torch.cat([gu[:, :inter, :d], gu[:, ip:ip + inter, :d]], dim=1), down[:, :d, :inter]
+def unpadded(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, inter: int, dim: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded stacks as Fp8Experts describes them (any dtype) -> [E, 2I, D] and [E, D, I], the bf16 layout."""
+    ip = gate_up_proj.shape[1] // 2
+    gate_up = torch.cat([gate_up_proj[:, :inter, :dim], gate_up_proj[:, ip:ip + inter, :dim]], dim=1)
+    return gate_up, down_proj[:, :dim, :inter]
 
 
 def experts_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
@@ -162,7 +161,8 @@ def experts_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: to
     # x: [T, D], gate_up_proj: [E, 2I, D], down_proj: [E, D, I] (or FP8 stacks, see Fp8Experts), weights, indices:
     # [T, K] -> [T, D] in x.dtype
     if fp8 is not None:
-        gate_up_proj, down_proj = _dequantized(gate_up_proj, down_proj, fp8, x.shape[1])
+        gate_up_proj, down_proj = unpadded(dequantize_blocks(gate_up_proj, fp8.gate_up_scale_inv),
+                                           dequantize_blocks(down_proj, fp8.down_scale_inv), fp8.inter, x.shape[1])
     t, k = indices.shape
     chosen = indices.flatten()  # [T*K]: pair p is token p // K
     xs = x.float().repeat_interleave(k, dim=0)  # [T*K, D]
