@@ -104,8 +104,9 @@ def main() -> None:
     p.add_argument("--fp8", action="store_true", help="also time dsv3 with FP8 GEMMs (issue 4's end-to-end ratio)")
     p.add_argument("--only", default="", help="comma-separated dsv3 rows to time (e.g. dsv3_compiled,"
                    "dsv3_fp8_compiled); default: every row the other flags enable")
-    p.add_argument("--profile", action="store_true",
-                   help="also list the GPU kernels of one dsv3 step (MTP on) by device time")
+    p.add_argument("--profile", default="",
+                   help="comma-separated dsv3 rows (e.g. dsv3_mtp_compiled) whose GPU kernels of one step to list "
+                        "by device time")
     args = p.parse_args()
     import transformers
 
@@ -159,7 +160,7 @@ def main() -> None:
         run = torch.compile(model) if compiled else model
         step = dsv3_step_fn(run, batches, depth > 0, args.accum)
         record(key, _time_steps(step, 3 if compiled else 2, args.steps), fpt[depth])
-        if args.profile and depth == 1:
+        if key in set(args.profile.split(",")):
             results[f"{key}_profile"] = kernel_profile(step, device, top=25)
         del model, run
         torch.cuda.empty_cache()
@@ -172,7 +173,7 @@ def main() -> None:
                                                             / results[f"hf_{impl}_tokens_per_s"])
     for base in ("dsv3", "dsv3_compiled"):
         fp8 = base.replace("dsv3", "dsv3_fp8", 1)
-        if f"{fp8}_tokens_per_s" in results:
+        if f"{fp8}_tokens_per_s" in results and f"{base}_tokens_per_s" in results:
             results[f"ratio_{fp8}_vs_{base}"] = results[f"{fp8}_tokens_per_s"] / results[f"{base}_tokens_per_s"]
     save_results(f"train_throughput_{args.preset}", results)
 

@@ -4,6 +4,7 @@ the torch.compile'd step), speculation in bf16. Skipped without CUDA; on the H20
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dsv3
 from dsv3.engine import Engine, SamplingParams
@@ -41,10 +42,11 @@ def _model():
     return build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0).eval()
 
 
-def _check_greedy_against_full_forward(model, prompts, completions, tol=0.1):
-    """Every emitted token is (up to bf16 noise) the argmax of a full forward over the text before it. One position
-    in 16 may miss by more: in a random bf16 model a routing near-tie that the full forward resolves the other way
-    moves that position's logits by a few tenths (0.34 measured on the H200, the same with every engine path)."""
+def _check_greedy_against_full_forward(model, prompts, completions, tol=0.1, flips=1 / 16):
+    """Every emitted token is (up to bf16 noise) the argmax of a full forward over the text before it. A fraction
+    `flips` of the positions may miss by more: in a random bf16 model a routing near-tie that the full forward
+    resolves the other way moves that position's logits by a few tenths (0.34 measured on the H200, the same with
+    every engine path)."""
     gaps = []
     for p, c in zip(prompts, completions):
         ids = torch.tensor([p + c.token_ids], device="cuda")
@@ -53,7 +55,7 @@ def _check_greedy_against_full_forward(model, prompts, completions, tol=0.1):
         chosen = logits.gather(1, torch.tensor(c.token_ids, device="cuda")[:, None])[:, 0]
         gaps.append(logits.amax(-1) - chosen)
     gaps = torch.cat(gaps)
-    assert (gaps >= tol).sum() <= len(gaps) / 16 and gaps.max() < 1.0, gaps
+    assert (gaps >= tol).sum() <= len(gaps) * flips and gaps.max() < 1.0, gaps
 
 
 # speculative with logprobs: the main and drafter graphs replay apart, with verification on the host between them;
@@ -97,8 +99,8 @@ def test_compiled_step_in_cuda_graphs_tracks_the_full_forward(speculative):
 
 
 def test_fp8_checkpoint_serves_through_fp8_gemms(tmp_path):
-    from dsv3.fp8_infer import Fp8WeightExperts, Fp8WeightLinear
-    from dsv3.ops.fp8_gemm import fp8_unsupported_reason
+    from dsv3.fp8_infer import Fp8WeightExperts, Fp8WeightLinear, _fp8_product
+    from dsv3.ops.fp8_gemm import fp8_unsupported_reason, row_tiles
 
     if reason := fp8_unsupported_reason(torch.device("cuda")):
         pytest.skip(reason)
@@ -119,23 +121,31 @@ def test_fp8_checkpoint_serves_through_fp8_gemms(tmp_path):
             want = layer(x).float()
             layer.emulate = False
             assert ((got - want).norm() / want.norm()).item() < 5e-3
-        # The routed experts likewise, through the grouped FP8 GEMM (experts with no rows included).
+        # The routed experts likewise, each grouped FP8 GEMM on the same input both ways (experts with no rows
+        # included). Their chain is not compared whole: the intermediate is quantised to e4m3 again, and bf16
+        # rounding differences between the two gate/up results can flip its roundings (the chain: 0.88% apart on the H200).
         experts = [m for m in model.modules() if isinstance(m, Fp8WeightExperts)]
         assert experts and not any(m.emulate for m in experts)
         n_exp = model.cfg.n_routed_experts
-        offs = torch.linspace(0, 37, n_exp).round().int().cuda()
+        tiles = row_tiles(37, torch.linspace(0, 37, n_exp).round().int().cuda())
         for m in experts:
+            ip = m.gate_up_proj.shape[1] // 2
             xs = torch.randn(37, m.dim, generator=gen).cuda().bfloat16()
-            got = m.mlp(xs, offs).float()
-            m.emulate = True
-            want = m.mlp(xs, offs).float()
-            m.emulate = False
-            assert ((got - want).norm() / want.norm()).item() < 5e-3
+            got, want = (_fp8_product(xs, m.gate_up_proj, m.gate_up_proj_scale_inv, tiles, 2 * ip, emulate)
+                         for emulate in (False, True))
+            assert ((got - want).float().norm() / want.float().norm()).item() < 5e-3
+            h = F.silu(want[:, : m.inter]) * want[:, ip: ip + m.inter]  # [37, I]
+            got, want = (_fp8_product(h, m.down_proj, m.down_proj_scale_inv, tiles, m.dim, emulate)
+                         for emulate in (False, True))
+            assert ((got - want).float().norm() / want.float().norm()).item() < 5e-3
     prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in (3, 40)]
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (16, 6)]
     engine = Engine(model, max_batch_size=2, block_size=16, num_blocks=64)
     assert engine.graphs is not None
-    _check_greedy_against_full_forward(model, prompts, engine.generate(prompts, params))
+    # Two roundings of the experts, so more near-ties flip: the engine's decode steps run the fused expert kernels
+    # (FP8 weights against bf16 activations), the full forward the grouped FP8 GEMM, which also quantises the
+    # activations to e4m3 (2 of 22 positions measured on the H200, by 0.52 and 0.62).
+    _check_greedy_against_full_forward(model, prompts, engine.generate(prompts, params), flips=1 / 8)
 
 
 def test_seeded_sampling_reproduces_on_the_gpu():

@@ -14,7 +14,8 @@ Notable features:
 - The model's blocks run with this attention through their `attn` hook (`cache_attention` binds a layer's cache
   and the step), so the engine has no copy of the block code.
 - Under torch.compile the Triton decode kernel is called as the custom op `dsv3::mla_decode_triton`: the compiler
-  sees one opaque call with a declared output shape instead of tracing the kernel launch.
+  sees one opaque call with a declared output shape instead of tracing the kernel launch. The cache write is the
+  custom op `dsv3::write_cache`, which mutates the cache layer in place.
 """
 
 from __future__ import annotations
@@ -60,7 +61,11 @@ def mla_attention(mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     # x: [1, R, D] (the rows as one sequence, as MLA's projections expect); kv: [P, bs, C+R] -> [1, R, D]
     cfg = mla.cfg
     q_nope, q_pe, c_kv, k_pe = mla.project(x, cos, sin)  # [1, R, H, nope], [1, R, H, rope], [1, R, C], [1, R, rope]
-    kv.view(-1, kv.shape[-1])[step.rows[:, SLOT]] = torch.cat([c_kv, k_pe], dim=-1)[0]
+    latents = torch.cat([c_kv, k_pe], dim=-1)[0]  # [R, C+R]
+    if torch.compiler.is_compiling():
+        torch.ops.dsv3.write_cache(kv, step.rows[:, SLOT], latents)
+    else:
+        write_cache(kv, step.rows[:, SLOT], latents)
     q_nope, q_pe = q_nope[0], q_pe[0]
     d = step.decode_rows
     if not step.prefills:
@@ -73,6 +78,24 @@ def mla_attention(mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
             pages = step.tables[seq, : -(-(start + n) // kv.shape[1])]
             out[row:row + n] = expanded(mla, q_nope[row:row + n], q_pe[row:row + n], kv, pages, start)
     return mla.o_proj(out.flatten(1)).unsqueeze(0)
+
+
+def write_cache(kv: torch.Tensor, slots: torch.Tensor, latents: torch.Tensor) -> None:
+    # kv: [P, bs, C+R] written in place at the flat slots [R] with latents [R, C+R]
+    kv.view(-1, kv.shape[-1])[slots] = latents
+
+
+# The cache write as an op that mutates its cache argument, for torch.compile: as a traced index_put into the
+# layer, torch 2.11's inductor on CUDA copied the whole layer out and back around the write (found on the H200;
+# torch 2.13 on the CPU writes in place). A mutating custom op is written in place when the cache is a graph input.
+@torch.library.custom_op("dsv3::write_cache", mutates_args=("kv",))
+def _write_cache_op(kv: torch.Tensor, slots: torch.Tensor, latents: torch.Tensor) -> None:
+    write_cache(kv, slots, latents)
+
+
+@_write_cache_op.register_fake
+def _(kv, slots, latents):
+    return None
 
 
 # The Triton kernel as an op torch.compile does not look into (see the module docstring).

@@ -30,7 +30,7 @@ def fixed_meta(configs: list) -> dict:
 # hardware: a weight tile of 4-8K elements per loop step (8 bf16 per 16-byte load and thread), a few hundred
 # programs at T = 1 for the 16b shapes (D 2048, I 1408). The expert kernels (`moe_decode`) choose among them.
 GEMV_TILES = [(16, 256, 4, 3), (8, 512, 4, 3), (32, 256, 8, 3), (16, 512, 8, 2), (32, 128, 4, 4), (4, 1024, 4, 3),
-              (8, 256, 2, 4)]
+              (8, 256, 2, 4), (64, 128, 8, 4), (32, 512, 8, 3), (8, 1024, 8, 2), (16, 128, 4, 6)]
 
 
 def gemv_configs(rows: str, cols: str) -> list:
