@@ -26,8 +26,9 @@ from dsv3.fp8_train import apply_fp8, make_adamw
 from dsv3.train import adamw_param_groups, mtp_terms, peak_bf16_flops
 
 
-def _optimizer(model):
-    return make_adamw(adamw_param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))  # fused on CUDA
+def _optimizer(model, bf16_moments: bool = False):
+    # torch's fused AdamW on CUDA, or dsv3's with bf16 moments (one Triton pass per parameter)
+    return make_adamw(adamw_param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), bf16_moments=bf16_moments)
 
 
 def _time_steps(step, n_warmup: int, n_steps: int) -> float:
@@ -41,9 +42,9 @@ def _time_steps(step, n_warmup: int, n_steps: int) -> float:
     return (time.perf_counter() - t0) / n_steps
 
 
-def dsv3_step_fn(model, batches, mtp: bool, accum: int):
+def dsv3_step_fn(model, batches, mtp: bool, accum: int, bf16_moments: bool):
     cfg = model.cfg
-    opt = _optimizer(model)
+    opt = _optimizer(model, bf16_moments)
     moe = model.moe_layers()
     for m in moe:
         m.keep_routing = True
@@ -102,6 +103,9 @@ def main() -> None:
     p.add_argument("--hf-impls", default="grouped_mm,eager")
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
     p.add_argument("--fp8", action="store_true", help="also time dsv3 with FP8 GEMMs (issue 4's end-to-end ratio)")
+    p.add_argument("--bf16-moments", action="store_true",
+                   help="dsv3 rows step AdamW with bf16 moments (the report's; `benchmarks/adamw.py` times it alone) "
+                        "instead of torch's fused AdamW with fp32 moments; transformers keeps torch's")
     p.add_argument("--only", default="", help="comma-separated dsv3 rows to time (e.g. dsv3_compiled,"
                    "dsv3_fp8_compiled); default: every row the other flags enable")
     p.add_argument("--profile", default="",
@@ -120,6 +124,7 @@ def main() -> None:
     flops = {d: model_stats(cfg.replace(num_nextn_predict_layers=d), args.seq) for d in (0, 1)}
     fpt = {0: 3 * flops[0].fwd_flops_per_token, 1: flops[1].train_flops_per_token}
     results: dict = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "accum": args.accum,
+                     "dsv3_bf16_moments": args.bf16_moments,
                      "peak_tflops": peak / 1e12,
                      "train_flops_per_token": fpt}
 
@@ -158,7 +163,7 @@ def main() -> None:
             apply_fp8(model)
         model.train()
         run = torch.compile(model) if compiled else model
-        step = dsv3_step_fn(run, batches, depth > 0, args.accum)
+        step = dsv3_step_fn(run, batches, depth > 0, args.accum, args.bf16_moments)
         record(key, _time_steps(step, 3 if compiled else 2, args.steps), fpt[depth])
         if key in set(args.profile.split(",")):
             results[f"{key}_profile"] = kernel_profile(step, device, top=25)

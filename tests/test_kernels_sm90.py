@@ -6,7 +6,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from dsv3.ops import cross_entropy, fp8_gemm, mla_decode, moe_decode  # noqa: E402
+from dsv3.ops import adamw, cross_entropy, fp8_gemm, mla_decode, moe_decode  # noqa: E402
 from dsv3.ops.tuning import GEMV_TILES, INTERPRET  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="under the interpreter the kernels are not compiled")
@@ -89,3 +89,10 @@ def test_fp8_gemm_kernels(config):
 def test_head_loss_kernel(grad):
     _compile(cross_entropy._ce_kernel, {"L": "*bf16", "T": "*i64", "LOSS": "*fp32", "CORRECT": "*i1"},
              dict(GRAD=grad, BLOCK=cross_entropy.BLOCK_V), num_warps=8)
+
+
+@pytest.mark.parametrize("moment", ["*bf16", "*fp32"])
+def test_adamw_kernel(moment):
+    scalars = {name: "fp32" for name in ("decay", "step_size", "bias2_sqrt", "beta1", "beta2", "eps")}
+    _compile(adamw._adamw_kernel, {"P": "*fp32", "G": "*fp32", "M": moment, "V": moment, **scalars},
+             dict(BLOCK=adamw.BLOCK))

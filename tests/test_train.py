@@ -211,7 +211,7 @@ def test_throughput_benchmark_step_accumulates_micro_batches(monkeypatch):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     updates = []
     monkeypatch.setattr(train_throughput, "update_bias", lambda layers, loads, gamma: updates.append(loads))
-    train_throughput.dsv3_step_fn(model, batches, mtp=True, accum=2)()
+    train_throughput.dsv3_step_fn(model, batches, mtp=True, accum=2, bf16_moments=True)()
     tokens = sum(b[:, :-1].numel() for b in batches)
     assert len(updates) == 1 and all(int(load.sum()) == tokens * cfg.num_experts_per_tok for load in updates[0])
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "e_score" not in n)

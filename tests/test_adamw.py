@@ -1,0 +1,78 @@
+"""The one-pass AdamW kernel (`ops.adamw`) against its foreach reference, under Triton's interpreter (a subprocess,
+as Triton reads TRITON_INTERPRET when kernels are defined) and on a GPU; the reference itself is checked against
+torch.optim.AdamW in tests/test_fp8.py."""
+
+import os
+
+import pytest
+import torch
+
+from dsv3.ops import adamw
+from tests.conftest import rerun_under_interpreter
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _run(step, device: str, moment_dtype: torch.dtype, grad_dtype: torch.dtype, weight_decay: float):
+    # Parameters of awkward sizes (one element, one block and a bit, a matrix, an empty one), three steps with
+    # fresh gradients; the steps counted per parameter, one of them behind the others (added to its group later).
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1,), (adamw.BLOCK + 3,), (37, 129), (0, 4)]
+    params = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    ms = [torch.zeros(s, dtype=moment_dtype, device=device) for s in shapes]
+    vs = [torch.zeros(s, dtype=moment_dtype, device=device) for s in shapes]
+    for t in range(1, 4):
+        grads = [torch.randn(s, generator=gen).to(device, grad_dtype) for s in shapes]
+        step(params, grads, ms, vs, [t, t, t, max(t - 1, 1)], 3e-3, 0.9, 0.95, 1e-8, weight_decay)
+    return params, ms, vs
+
+
+def _check(device: str) -> None:
+    for moment_dtype, grad_dtype, wd in [(torch.bfloat16, torch.float32, 0.1), (torch.float32, torch.bfloat16, 0.0),
+                                         (torch.bfloat16, torch.bfloat16, 0.1)]:
+        got = _run(adamw.adamw_step_triton_, device, moment_dtype, grad_dtype, wd)
+        want = _run(adamw.adamw_step_reference_, device, moment_dtype, grad_dtype, wd)
+        # Parameters: the same fp32 arithmetic up to rounding order. With bf16 moments one fp32 rounding apart can
+        # round a stored moment to the neighbouring bf16 value (up to 0.8% apart), which moves the next updates by
+        # about as much of lr (3e-3): 1.2% of lr measured after three steps.
+        atol = 6e-5 if moment_dtype == torch.bfloat16 else 1e-7
+        for a, b in zip(got[0], want[0]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=atol)
+        # Moments: on a GPU equal or one rounding apart in bf16; Triton's interpreter rounds fp32 to bf16 towards
+        # zero (the GPU to nearest), so there they may sit up to two bf16 steps of the largest moment apart.
+        for ga, gb in zip(got[1:], want[1:]):
+            for a, b in zip(ga, gb):
+                assert a.dtype == moment_dtype
+                if moment_dtype == torch.float32:
+                    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+                elif device == "cpu" and b.numel():
+                    torch.testing.assert_close(a, b, rtol=0, atol=2 ** -6 * b.abs().max().item())
+                else:
+                    torch.testing.assert_close(a, b)  # bf16's default: 1.6e-2 relative
+        assert not torch.equal(got[0][2], _run(adamw.adamw_step_triton_, device, moment_dtype, grad_dtype,
+                                               wd + 0.5)[0][2])  # weight decay reaches the parameters
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in test_under_the_triton_interpreter's subprocess")
+def test_kernel_matches_reference_interpreted():
+    _check("cpu")
+
+
+@pytest.mark.skipif(INTERPRETED or adamw.triton is None, reason="this is the subprocess, or no triton")
+def test_under_the_triton_interpreter():
+    rerun_under_interpreter(__file__, "interpreted")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or adamw.triton is None, reason="needs CUDA and triton")
+def test_kernel_matches_reference_on_the_gpu():
+    _check("cuda")
+
+
+def test_dispatch_takes_the_reference_on_the_cpu_and_for_strided_tensors():
+    p, g = torch.ones(4, 3), torch.full((3, 4), 0.5).t()  # a transposed (non-contiguous) gradient
+    m, v = torch.zeros(4, 3), torch.zeros(4, 3)
+    adamw.adamw_step_([p], [g], [m], [v], [1], 1e-2, 0.9, 0.95, 1e-8, 0.0)
+    want, mw, vw = torch.ones(4, 3), torch.zeros(4, 3), torch.zeros(4, 3)
+    adamw.adamw_step_reference_([want], [g.contiguous()], [mw], [vw], [1], 1e-2, 0.9, 0.95, 1e-8, 0.0)
+    torch.testing.assert_close(p, want)
+    torch.testing.assert_close(p, torch.full((4, 3), 1 - 1e-2))  # Adam's first step moves each weight by lr
