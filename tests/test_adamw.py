@@ -58,6 +58,29 @@ def test_kernel_matches_reference_interpreted():
     _check("cpu")
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="runs in test_under_the_triton_interpreter's subprocess")
+def test_sharded_parameters_step_through_their_local_shards_interpreted():
+    # FSDP's parameters, gradients and moments are DTensors; the kernel updates their local shards (one rank here).
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        gen = torch.Generator().manual_seed(3)
+        plain = [torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)] + [torch.zeros(6, 5)] * 2
+        plain = [t.clone() for t in plain]
+        sharded = [distribute_tensor(t.clone(), mesh, [Shard(0)]) for t in plain]
+        adamw.adamw_step_(*[[t] for t in sharded], [1], 1e-2, 0.9, 0.95, 1e-8, 0.1)
+        adamw.adamw_step_reference_(*[[t] for t in plain], [1], 1e-2, 0.9, 0.95, 1e-8, 0.1)
+        for a, b in zip(sharded, plain):
+            torch.testing.assert_close(a.to_local(), b)
+        assert not torch.equal(sharded[0].to_local(), sharded[1].to_local())
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.skipif(INTERPRETED or adamw.triton is None, reason="this is the subprocess, or no triton")
 def test_under_the_triton_interpreter():
     rerun_under_interpreter(__file__, "interpreted")

@@ -15,6 +15,7 @@ update uses the fp32 moments before they are rounded for storage.
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from .tuning import INTERPRET
 
@@ -32,12 +33,18 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
                 exp_avg_sqs: list[torch.Tensor], steps: list[int], lr: float, beta1: float, beta2: float, eps: float,
                 weight_decay: float) -> None:
     """One AdamW step of each parameter (steps: each one's step count, this step included), in place. The Triton
-    kernel on CUDA (contiguous tensors of one shape per parameter), else the reference."""
-    if triton is not None and params and (params[0].is_cuda or INTERPRET) and all(
-            t.is_contiguous() for ts in (params, grads, exp_avgs, exp_avg_sqs) for t in ts):
-        adamw_step_triton_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay)
+    kernel on CUDA (contiguous tensors of one shape per parameter; FSDP's sharded parameters and states by their
+    local shards, as the update is elementwise), else the reference."""
+    tensors = [[_local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+    if triton is not None and params and (tensors[0][0].is_cuda or INTERPRET) and all(
+            t.is_contiguous() for ts in tensors for t in ts):
+        adamw_step_triton_(*tensors, steps, lr, beta1, beta2, eps, weight_decay)
     else:
         adamw_step_reference_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 @torch.no_grad()
