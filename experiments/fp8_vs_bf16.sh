@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # FP8 vs bf16 training of the `1b` preset on the same data, seed and batches (issue 4's loss criterion).
 #   bash experiments/fp8_vs_bf16.sh DATA_DIR OUT_DIR [STEPS]
-#   # SEQ, BATCH, PRECISIONS ("bf16 fp8"), SEEDS ("0"), COMPILE (false) may be set
+#   # SEQ, BATCH, PRECISIONS ("bf16 fp8"), SEEDS ("0"), COMPILE (false), BF16_MOMENTS may be set
+# BF16_MOMENTS=true gives the bf16 run the FP8 run's bf16 AdamW moments too, so that the two differ only in their
+# GEMMs; unset, each precision takes the trainer's default (fp32 moments for bf16).
 # DATA_DIR is a `dsv3 prepare` folder (e.g. the one experiments/ablations.sh writes). The FP8 run follows the
 # report's recipe (fine-grained FP8 GEMMs, bf16 AdamW moments); the bf16 run is the usual autocast baseline. Each
 # seed (initialisation and data order) trains both precisions, into OUT_DIR/PRECISION (seed 0) or
@@ -12,7 +14,8 @@ data=$1; out=$2; steps=${3:-2000}
 seq=${SEQ:-1024}; batch=${BATCH:-8}
 common=(--preset 1b --data "$data" --seq-len $seq --micro-batch $batch --batch-size $batch --max-steps $steps
         --lr 6e-4 --min-lr 6e-5 --warmup-steps 100 --eval-interval 500 --eval-batches 10 --log-interval 10
-        --save-interval 100000 --no-progress --compile "${COMPILE:-false}")
+        --save-interval 100000 --no-progress --compile "${COMPILE:-false}"
+        ${BF16_MOMENTS:+--bf16-moments "$BF16_MOMENTS"})
 mkdir -p "$out"
 runs=()
 for seed in ${SEEDS:-0}; do
