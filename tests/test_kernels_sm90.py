@@ -6,7 +6,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from dsv3.ops import adamw, cross_entropy, fp8_gemm, mla_decode, moe_decode  # noqa: E402
+from dsv3.ops import adamw, cross_entropy, fp8_gemm, fp8_gemv, mla_decode, moe_decode  # noqa: E402
 from dsv3.ops.tuning import GEMV_TILES, INTERPRET  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="under the interpreter the kernels are not compiled")
@@ -96,3 +96,10 @@ def test_adamw_kernel(moment):
     scalars = {name: "fp32" for name in ("decay", "step_size", "bias2_sqrt", "beta1", "beta2", "eps")}
     _compile(adamw._adamw_kernel, {"P": "*fp32", "G": "*fp32", "M": moment, "V": moment, **scalars},
              dict(BLOCK=adamw.BLOCK))
+
+
+@pytest.mark.parametrize("tile", GEMV_TILES)  # the autotuner may pick any
+def test_fp8_gemv_kernel(tile):
+    rows, cols, warps, stages = tile
+    _compile(fp8_gemv._fp8_gemv_kernel, {"X": "*bf16", "W": "*fp8e4nv", "WS": "*fp32", "Y": "*bf16"},
+             dict(BLOCK_N=rows, BLOCK_K=cols), warps, stages)

@@ -484,9 +484,10 @@ if triton is not None:
         tl.store(H + pair * I + rows, h.to(H.dtype.element_ty), mask=rmask)
 
     @triton.jit
-    def _down_rows(h_row, w_rows, s_rows, rmask, I, SCALED: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_I: tl.constexpr):
-        # w . h for BLOCK_D rows given as row-start pointers [BLOCK_D, 1]; SCALED as in _gate_up_rows.
+    def scaled_rows_dot(h_row, w_rows, s_rows, rmask, I, SCALED: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_I: tl.constexpr):
+        # w . h for BLOCK_D rows given as row-start pointers [BLOCK_D, 1]; SCALED as in _gate_up_rows. Also the
+        # row loop of the dense FP8 GEMV (`ops.fp8_gemv`).
         acc = tl.zeros([BLOCK_D, BLOCK_I], dtype=tl.float32)
         for i0 in range(0, I, BLOCK_I):
             cols = i0 + tl.arange(0, BLOCK_I)
@@ -515,12 +516,12 @@ if triton is not None:
         if slot < K:  # a routed expert of the stack
             expert = tl.load(IDX + tok * K + slot).to(tl.int64)
             s_rows = WS + expert * (DR // 128) * (WI // 128) + (rows // 128)[:, None] * (WI // 128)
-            out = _down_rows(H + pair * I, W + expert * DR * WI + rows[:, None] * WI, s_rows, rmask, I, FP8,
-                             BLOCK_D, BLOCK_I)
+            out = scaled_rows_dot(H + pair * I, W + expert * DR * WI + rows[:, None] * WI, s_rows, rmask, I, FP8,
+                                  BLOCK_D, BLOCK_I)
             out *= tl.load(WTS + tok * K + slot)  # its routing weight
         else:  # columns [(slot - K) * I, +I) of the shared MLP's down_proj [D, NS * I]
-            out = _down_rows(H + pair * I, SD + (slot - K).to(tl.int64) * I + rows[:, None] * (NS * I), WS, rmask, I,
-                             False, BLOCK_D, BLOCK_I)
+            out = scaled_rows_dot(H + pair * I, SD + (slot - K).to(tl.int64) * I + rows[:, None] * (NS * I), WS,
+                                  rmask, I, False, BLOCK_D, BLOCK_I)
         tl.store(Y + pair * D + rows, out, mask=rmask)
 
     _GATE_UP_CONFIGS = gemv_configs("BLOCK_I", "BLOCK_D")
