@@ -28,38 +28,43 @@ def _compile(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_stag
     assert compiled.metadata.shared <= SHARED_MEMORY, f"{fn.__name__} needs {compiled.metadata.shared} B of shared memory"
 
 
-def test_mla_decode_kernels():
+@pytest.mark.parametrize("pdl", [False, True])
+def test_mla_decode_kernels(pdl):
     ptr = {"Q": "*bf16", "QPE": "*bf16", "KV": "*bf16", "BT": "*i64", "SEQ": "*i64", "LENS": "*i64",
            "OUT": "*fp32", "LSE": "*fp32", "scale": "fp32"}
     _compile(mla_decode._mla_decode_split, ptr,  # the DeepSeek-V3 latent: C 512, R 64
              dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, BLOCK_H=mla_decode.BLOCK_H, BLOCK_N=mla_decode.BLOCK_N,
-                  PAGE=64), num_warps=4, num_stages=2)  # as mla_decode_triton launches it
+                  PAGE=64, PDL=pdl), num_warps=4, num_stages=2)  # as mla_decode_triton launches it
     _compile(mla_decode._mla_merge, {"PART": "*fp32", "LSE": "*fp32", "OUT": "*bf16", "n_splits": "i32", "H": "i32"},
-             dict(C=512, BLOCK_S=mla_decode.MERGE_S, BLOCK_C=mla_decode.MERGE_C))
+             dict(C=512, BLOCK_S=mla_decode.MERGE_S, BLOCK_C=mla_decode.MERGE_C, PDL=pdl))
 
 
-@pytest.mark.parametrize("select_only", [False, True])
-def test_route_kernel(select_only):
+@pytest.mark.parametrize("select_only,pdl", [(False, False), (True, False), (False, True)])
+def test_route_kernel(select_only, pdl):
     sig = {"X": "*fp32", "BIAS": "*fp32", "WEIGHTS": "*fp32", "INDICES": "*i64", "SCORES": "*fp32", "COUNTS": "*i64",
            "T": "i32", "scale": "fp32"}
     # DeepSeek-V3's routing: 256 experts in 8 groups, top-4 groups, top-8 experts
     _compile(moe_decode._route_kernel, sig,
              dict(E=256, G=8, PG=32, K=8, TOPK_GROUP=4, HAS_BIAS=True, SOFTMAX=False, GROUP_TOP2=True, NORM=True,
-                  SELECT_ONLY=select_only, ATOMIC_COUNTS=True, BLOCK_T=1, BLOCK_G=8, BLOCK_PG=32, BLOCK_K=8),
+                  SELECT_ONLY=select_only, ATOMIC_COUNTS=True, BLOCK_T=1, BLOCK_G=8, BLOCK_PG=32, BLOCK_K=8, PDL=pdl),
              num_warps=1)
 
 
+# Every tile as launched by default; programmatic dependent launch (DSV3_PDL=1) with the first.
+GEMV_CASES = [(tile, False) for tile in GEMV_TILES] + [(GEMV_TILES[0], True)]
+
+
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("tile", GEMV_TILES)  # the autotuner may pick any
-def test_expert_kernels(fp8, tile):
+@pytest.mark.parametrize("tile,pdl", GEMV_CASES)  # the autotuner may pick any tile
+def test_expert_kernels(fp8, tile, pdl):
     rows, cols, warps, stages = tile
     weight = "*fp8e4nv" if fp8 else "*bf16"
     _compile(moe_decode._gate_up_kernel,
              {"X": "*bf16", "W": weight, "WS": "*fp32", "SG": "*bf16", "SU": "*bf16", "IDX": "*i64", "H": "*bf16"},
-             dict(K=8, NS=1, FP8=fp8, BLOCK_I=rows, BLOCK_D=cols), warps, stages)
+             dict(K=8, NS=1, FP8=fp8, BLOCK_I=rows, BLOCK_D=cols, PDL=pdl), warps, stages)
     _compile(moe_decode._down_kernel,
              {"H": "*bf16", "W": weight, "WS": "*fp32", "SD": "*bf16", "IDX": "*i64", "WTS": "*fp32", "Y": "*fp32"},
-             dict(K=8, NS=1, FP8=fp8, BLOCK_D=rows, BLOCK_I=cols), warps, stages)
+             dict(K=8, NS=1, FP8=fp8, BLOCK_D=rows, BLOCK_I=cols, PDL=pdl), warps, stages)
 
 
 @pytest.mark.parametrize("pow2", [False, True])
@@ -98,8 +103,8 @@ def test_adamw_kernel(moment):
              dict(BLOCK=adamw.BLOCK))
 
 
-@pytest.mark.parametrize("tile", GEMV_TILES)  # the autotuner may pick any
-def test_fp8_gemv_kernel(tile):
+@pytest.mark.parametrize("tile,pdl", GEMV_CASES)
+def test_fp8_gemv_kernel(tile, pdl):
     rows, cols, warps, stages = tile
     _compile(fp8_gemv._fp8_gemv_kernel, {"X": "*bf16", "W": "*fp8e4nv", "WS": "*fp32", "Y": "*bf16"},
-             dict(BLOCK_N=rows, BLOCK_K=cols), warps, stages)
+             dict(BLOCK_N=rows, BLOCK_K=cols, PDL=pdl), warps, stages)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..fp8 import BLOCK, dequantize_blocks
-from .tuning import INTERPRET, autotuned, fixed_meta, gemv_configs
+from .tuning import INTERPRET, autotuned, fixed_meta, gemv_configs, pdl_meta
 
 try:
     import triton
@@ -48,17 +48,20 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, n: int
                          f"block-scaled [{n}, {k}] matrix")
     y = x.new_empty(m, n)
     _fp8_gemv_kernel[lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]))](
-        x, w, w_scale_inv, y, x.stride(0), n, k, kp, **fixed_meta(_CONFIGS))
+        x, w, w_scale_inv, y, x.stride(0), n, k, kp, **fixed_meta(_CONFIGS), **pdl_meta())
     return y
 
 
 if triton is not None:
     from .moe_decode import scaled_rows_dot
+    from .tuning import pdl_prologue
 
     @triton.jit
-    def _fp8_gemv_kernel(X, W, WS, Y, stride_x, N, K, KP, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _fp8_gemv_kernel(X, W, WS, Y, stride_x, N, K, KP, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PDL: tl.constexpr):
         # Program (row, tile): outputs [tile * BLOCK_N, +BLOCK_N) of one row of x. W rows are KP apart (padded),
         # their scale rows KP / 128 apart; the padding is zeros and K masks it anyway.
+        pdl_prologue(PDL)
         row = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N

@@ -28,6 +28,8 @@ import functools
 
 import torch
 
+from .tuning import pdl_meta
+
 try:
     import triton
     import triton.language as tl
@@ -98,21 +100,24 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         lengths.stride(0), h, pages_per_split,
         # tl.dot wants every tile dimension >= 16; the masks keep the padding out.
         C=c, R=r, BLOCK_C=max(16, triton.next_power_of_2(c)), BLOCK_R=max(16, triton.next_power_of_2(r)),
-        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, PAGE=page, num_warps=4, num_stages=2,
+        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, PAGE=page, num_warps=4, num_stages=2, **pdl_meta(),
     )
     out = torch.empty_like(q_lat, memory_format=torch.contiguous_format)  # [M, H, C]
-    _mla_merge[(m, h, triton.cdiv(c, MERGE_C))](partial, lse, out, splits, h, C=c, BLOCK_S=MERGE_S, BLOCK_C=MERGE_C)
+    _mla_merge[(m, h, triton.cdiv(c, MERGE_C))](partial, lse, out, splits, h, C=c, BLOCK_S=MERGE_S, BLOCK_C=MERGE_C,
+                                                **pdl_meta())
     return out
 
 
 if triton is not None:
+    from .tuning import pdl_prologue
 
     @triton.jit
     def _mla_decode_split(Q, QPE, KV, BT, SEQ, LENS, OUT, LSE, scale,
                           stride_qm, stride_qh, stride_pm, stride_ph, stride_bt, stride_seq, stride_len,
                           H, PAGES_PER_SPLIT,
                           C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         row = tl.program_id(0)
         head_block = tl.program_id(1)
         split = tl.program_id(2)
@@ -163,11 +168,13 @@ if triton is not None:
         tl.store(LSE + base + heads, lse, mask=hmask)
 
     @triton.jit
-    def _mla_merge(PART, LSE, OUT, n_splits, H, C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _mla_merge(PART, LSE, OUT, n_splits, H, C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                   PDL: tl.constexpr):
         # Program (row, head, channel block): out = sum over splits of exp(lse_s - logsumexp(lse)) * part_s. Each
         # partial is normalised by its own softmax sum, so these weights make the softmax over all the tokens. A
         # row's first split always holds tokens (lengths >= 1), so the max below is finite; empty splits (lse
         # -inf) weigh 0.
+        pdl_prologue(PDL)
         row = tl.program_id(0)
         head = tl.program_id(1)
         offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fp8 import dequantize_blocks
-from .tuning import autotuned, fixed_meta, gemv_configs
+from .tuning import autotuned, fixed_meta, gemv_configs, pdl_meta
 
 try:
     import triton
@@ -205,7 +205,7 @@ def _route_launch(x: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec, s
         ATOMIC_COUNTS=programs > 1, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_PG=block_pg,
         BLOCK_K=triton.next_power_of_2(spec.top_k),
         # A small tile reduces inside one warp (shuffles only, no shared-memory round trips).
-        num_warps=1 if tile <= 256 else 4 if tile <= 2048 else 8,
+        num_warps=1 if tile <= 256 else 4 if tile <= 2048 else 8, **pdl_meta(),
     )
     return weights, indices, scores, counts
 
@@ -259,11 +259,11 @@ def expert_parts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
     h = x.new_empty(pairs, inter)  # [T*(K+NS), I]
     _gate_up_kernel[lambda meta: (pairs, triton.cdiv(inter, meta["BLOCK_I"]))](
         x, gate_up_proj, gu_scale, s_gate, s_up, indices, h, x.stride(0), d, inter, up_row, gu_stride, pairs,
-        K=k, NS=ns, FP8=fp8 is not None, **fixed_meta(_GATE_UP_CONFIGS))
+        K=k, NS=ns, FP8=fp8 is not None, **fixed_meta(_GATE_UP_CONFIGS), **pdl_meta())
     part = x.new_empty(pairs, d, dtype=torch.float32)  # [T*(K+NS), D]: each pair's output times its weight
     _down_kernel[lambda meta: (pairs, triton.cdiv(d, meta["BLOCK_D"]))](
         h, down_proj, down_scale, s_down, indices, weights, part, d, inter, down_proj.shape[1], down_stride, pairs,
-        K=k, NS=ns, FP8=fp8 is not None, **fixed_meta(_DOWN_CONFIGS))
+        K=k, NS=ns, FP8=fp8 is not None, **fixed_meta(_DOWN_CONFIGS), **pdl_meta())
     return part.view(t, k + ns, d)
 
 
@@ -346,15 +346,17 @@ def experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
 
 # ---- kernels -----------------------------------------------------------------------------------------------------
 if triton is not None:
+    from .tuning import pdl_prologue
 
     @triton.jit
     def _route_kernel(X, BIAS, WEIGHTS, INDICES, SCORES, COUNTS, T, scale,
                       E: tl.constexpr, G: tl.constexpr, PG: tl.constexpr, K: tl.constexpr, TOPK_GROUP: tl.constexpr,
                       HAS_BIAS: tl.constexpr, SOFTMAX: tl.constexpr, GROUP_TOP2: tl.constexpr, NORM: tl.constexpr,
                       SELECT_ONLY: tl.constexpr, ATOMIC_COUNTS: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         # Program p routes tokens [p * BLOCK_T, +BLOCK_T). X holds their logits, or with SELECT_ONLY the caller's
         # scores, of which only the choice is written (indices and counts).
+        pdl_prologue(PDL)
         # Experts sit in a [BLOCK_G, BLOCK_PG] grid (expert = group * PG + j), padded to powers of two.
         grp = tl.arange(0, BLOCK_G)[None, :, None]
         j = tl.arange(0, BLOCK_PG)[None, None, :]
@@ -455,7 +457,8 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_kernel(X, W, WS, SG, SU, IDX, H, stride_x, D, I, UP, WD, n_pairs, K: tl.constexpr,
-                        NS: tl.constexpr, FP8: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+                        NS: tl.constexpr, FP8: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PDL: tl.constexpr):
         # Program (pair, tile): rows [tile * BLOCK_I, +BLOCK_I) of the gate and of the up projection of one pair's
         # expert (pairs as in `experts_triton`). Pairs vary fastest, so the programs reading one weight tile for
         # several tokens (an expert they all chose, the shared MLP) run together and mostly hit L2. A routed
@@ -463,6 +466,7 @@ if triton is not None:
         # padded Ip and Dp for FP8, whose weights are scaled by their 128x128 block's scale as they are loaded).
         # The two branches call the row loop separately: an FP8 stack and the bf16 shared MLP are pointers of
         # different types, which the compiler will not merge into one variable.
+        pdl_prologue(PDL)
         pair = tl.program_id(0)
         tok = pair // (K + NS)
         slot = pair % (K + NS)
@@ -502,12 +506,13 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(H, W, WS, SD, IDX, WTS, Y, D, I, DR, WI, n_pairs, K: tl.constexpr, NS: tl.constexpr,
-                     FP8: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
+                     FP8: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr):
         # Program (pair, tile): outputs [tile * BLOCK_D, +BLOCK_D) of one pair times its routing weight (1 for the
         # shared MLP's slices), in fp32; the launcher sums each token's K + NS pairs. A program per pair rather than
         # per token: at T = 1 the 16b shapes give K + NS times more programs, which a GEMV needs to keep enough
         # loads in flight. A routed expert's [DR, WI] matrix is [D, I] for bf16, the padded [Dp, Ip] for FP8.
         # Two calls of the row loop for the reason _gate_up_kernel gives.
+        pdl_prologue(PDL)
         pair = tl.program_id(0)
         tok = pair // (K + NS)
         slot = pair % (K + NS)

@@ -1,6 +1,13 @@
 """Autotuned Triton kernels that also run under Triton's interpreter (the CPU tests), which cannot time
 configurations: there a kernel keeps its first configuration, passed at launch by `fixed_meta`. Also the GEMV
-tile choices of the decode expert kernels."""
+tile choices of the decode expert kernels, and programmatic dependent launch for the decode step's kernels.
+
+Programmatic dependent launch (Hopper): a kernel launched with it may be scheduled while the kernel before it
+drains, which hides its launch latency, the gap between the ~20 short kernels of each decode layer. Each such kernel
+begins with `pdl_prologue(PDL)`: wait until the previous kernel has finished and its writes are visible, before any
+load or store, then let the next kernel launch. Off unless DSV3_PDL=1 (not yet measured to help); never under the
+interpreter, or where Triton lacks the grid-dependency ops.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +15,43 @@ import os
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # no triton, or one without grid dependency control
+    gdc_wait = None
+
+PDL = os.environ.get("DSV3_PDL", "0") == "1" and not INTERPRET and gdc_wait is not None
+
+if gdc_wait is not None:
+
+    @triton.jit
+    def pdl_prologue(PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+elif triton is not None:
+
+    @triton.jit
+    def pdl_prologue(PDL: tl.constexpr):
+        pass
+
+
+def pdl_meta() -> dict:
+    """Launch arguments of a kernel that begins with `pdl_prologue(PDL)`."""
+    return {"PDL": PDL, "launch_pdl": True} if PDL else {"PDL": False}
+
 
 def autotuned(configs: list, key: list[str]):
     """triton.autotune(configs, key) on a GPU; under the interpreter the kernel as it is."""
     def wrap(kernel):
         if INTERPRET:
             return kernel
-        import triton
-
         return triton.autotune(configs, key=key)(kernel)
 
     return wrap
@@ -35,6 +71,4 @@ GEMV_TILES = [(16, 256, 4, 3), (8, 512, 4, 3), (32, 256, 8, 3), (16, 512, 8, 2),
 
 def gemv_configs(rows: str, cols: str) -> list:
     """GEMV_TILES as triton.Configs of a kernel whose row and reduction block sizes are named `rows` and `cols`."""
-    import triton
-
     return [triton.Config({rows: r, cols: c}, num_warps=w, num_stages=st) for r, c, w, st in GEMV_TILES]
