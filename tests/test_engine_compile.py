@@ -82,6 +82,19 @@ def test_inductor_compiled_engine_tracks_the_full_forward_and_writes_the_cache_i
     assert codes and not any(str(layer_numel) in code for code in codes)
 
 
+def test_cache_write_op_writes_in_place_and_its_fake_matches():
+    # The cache write under compile (`dsv3::write_cache`): rows land in their flat slots of the layer, in place, and
+    # the op passes opcheck (its schema declares the mutation, which torch.compile relies on to write in place).
+    from dsv3.engine import attention  # noqa: F401 (registers the op)
+
+    kv = torch.zeros(5, 4, 6)  # [P, bs, C+R]
+    slots, rows = torch.tensor([3, 17, 8]), torch.randn(3, 6)
+    torch.ops.dsv3.write_cache(kv, slots, rows)
+    torch.testing.assert_close(kv.view(-1, 6)[slots], rows)
+    assert kv.count_nonzero() == rows.count_nonzero()
+    torch.library.opcheck(torch.ops.dsv3.write_cache, (kv, slots, rows + 1))  # new values: a visible mutation
+
+
 OP_CHECK = """
 import torch
 import dsv3
