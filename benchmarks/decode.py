@@ -95,6 +95,14 @@ def time_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> di
             "seconds": end - t0, "tokens": list(outs.values())}
 
 
+def time_engine_repeated(engine: Engine, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
+    """time_engine `repeats` times: the run with the median decode rate, and the rates' range beside it."""
+    runs = sorted((time_engine(engine, prompts, new_tokens) for _ in range(repeats)),
+                  key=lambda run: run["decode_tokens_per_s"])
+    rates = [run["decode_tokens_per_s"] for run in runs]
+    return {**runs[len(runs) // 2], "decode_tokens_per_s_range": [rates[0], rates[-1]]}
+
+
 def time_hf(hf, prompts: torch.Tensor, new_tokens: int) -> dict:
     dev = prompts.device
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -131,7 +139,7 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
         for b in args.batch:
             engine = engine_for(m, args, b, args.prompt_len)
             time_engine(engine, ids[:b, :16].tolist(), 8)  # warm-up: captures the CUDA graphs this batch uses
-            runs[b] = time_engine(engine, ids[:b].tolist(), args.new_tokens)
+            runs[b] = time_engine_repeated(engine, ids[:b].tolist(), args.new_tokens, args.repeats)
             del engine
             torch.cuda.empty_cache()
         return runs
@@ -160,7 +168,8 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
                 tmp.name, dtype=dtype, attn_implementation="sdpa", experts_implementation=impl).to(device).eval()
     for b in args.batch:
         row = {"batch": b, "dsv3_tokens_per_s": ours[b]["tokens_per_s"],
-               "dsv3_decode_tokens_per_s": ours[b]["decode_tokens_per_s"]}
+               "dsv3_decode_tokens_per_s": ours[b]["decode_tokens_per_s"],
+               "dsv3_decode_tokens_per_s_range": ours[b]["decode_tokens_per_s_range"]}
         if b == 1:
             row["hbm_roofline_fraction"] = ours[b]["decode_tokens_per_s"] * bytes_per_token / bandwidth
         if b in fp8:
@@ -222,6 +231,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed generations per engine (the median's figures are reported, with the decode rates' "
+                        "range): run-to-run spread on the same build")
     p.add_argument("--prompt-file", help="prompts for the speculative run, one per line")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"], help="decode attention")
