@@ -123,7 +123,8 @@ def test_fp8_checkpoint_serves_through_fp8_gemms(tmp_path):
             assert ((got - want).norm() / want.norm()).item() < 5e-3
         # The routed experts likewise, each grouped FP8 GEMM on the same input both ways (experts with no rows
         # included). Their chain is not compared whole: the intermediate is quantised to e4m3 again, and bf16
-        # rounding differences between the two gate/up results can flip its roundings (the chain: 0.88% apart on the H200).
+        # rounding differences between the two gate/up results can flip its roundings (the chain: 0.88% apart on
+        # the H200).
         experts = [m for m in model.modules() if isinstance(m, Fp8WeightExperts)]
         assert experts and not any(m.emulate for m in experts)
         n_exp = model.cfg.n_routed_experts

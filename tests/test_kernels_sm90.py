@@ -25,7 +25,8 @@ def _compile(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_stag
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     assert "ptx" in compiled.asm
-    assert compiled.metadata.shared <= SHARED_MEMORY, f"{fn.__name__} needs {compiled.metadata.shared} B of shared memory"
+    shared = compiled.metadata.shared
+    assert shared <= SHARED_MEMORY, f"{fn.__name__} needs {shared} B of shared memory"
 
 
 @pytest.mark.parametrize("pdl", [False, True])
