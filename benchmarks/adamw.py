@@ -44,8 +44,8 @@ def main() -> None:
 
     def reference():
         ops.adamw_step_reference_(params, [q.grad for q in params], [s["exp_avg"] for s in states],
-                                  [s["exp_avg_sq"] for s in states], [s["step"] for s in states], **{
-                                      "lr": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1})
+                                  [s["exp_avg_sq"] for s in states], [s["step"] for s in states], kw["lr"],
+                                  *kw["betas"], kw["eps"], kw["weight_decay"])
 
     results["dsv3_reference_ms"] = time_fn(reference, device, warmup=1, iters=args.iters) * 1e3
     print(f"dsv3 foreach reference: {results['dsv3_reference_ms']:.2f} ms", flush=True)

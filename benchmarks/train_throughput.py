@@ -153,7 +153,7 @@ def main() -> None:
         variants += [("dsv3_compiled", 0, True, False), ("dsv3_mtp_compiled", 1, True, False)]
     if args.fp8:
         variants += [("dsv3_fp8", 0, False, True)] + ([("dsv3_fp8_compiled", 0, True, True)] if args.compile else [])
-    only = set(filter(None, args.only.split(",")))
+    only, profile = set(filter(None, args.only.split(","))), set(args.profile.split(","))
     if only - {v[0] for v in variants}:
         raise SystemExit(f"--only: unknown or not enabled rows {sorted(only - {v[0] for v in variants})}")
     for key, depth, compiled, fp8 in variants:
@@ -166,7 +166,7 @@ def main() -> None:
         run = torch.compile(model) if compiled else model
         step = dsv3_step_fn(run, batches, depth > 0, args.accum, args.bf16_moments)
         record(key, _time_steps(step, 3 if compiled else 2, args.steps), fpt[depth])
-        if key in set(args.profile.split(",")):
+        if key in profile:
             results[f"{key}_profile"] = kernel_profile(step, device, top=25)
         del model, run
         torch.cuda.empty_cache()

@@ -155,17 +155,20 @@ class MLA(nn.Module):
         self.softmax_scale = cfg.softmax_scale
         self.input_weight: torch.Tensor | None = None  # share_input_weights: [q (or q_a) rows; kv_a rows]
 
+    @property
+    def q_input_proj(self) -> nn.Linear:
+        """The query's projection of the block input: q_proj, or q_a_proj with a query LoRA."""
+        return self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
+
     def share_input_weights(self) -> None:
-        first = self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
-        self.input_weight = share_weight(first, self.kv_a_proj_with_mqa, current=self.input_weight)
+        self.input_weight = share_weight(self.q_input_proj, self.kv_a_proj_with_mqa, current=self.input_weight)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: [B, T, D] -> q_nope: [B, T, H, nope], q_pe: [B, T, H, rope] (roped), and what a decoder caches:
         # c_kv: [B, T, kv_lora] (normalised), k_pe: [B, T, rope] (roped)
         cfg = self.cfg
-        first = self.q_proj if cfg.q_lora_rank is None else self.q_a_proj
-        q, kv = shared_linear(x, self.input_weight, first, self.kv_a_proj_with_mqa)
+        q, kv = shared_linear(x, self.input_weight, self.q_input_proj, self.kv_a_proj_with_mqa)
         if cfg.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_pe = q.unflatten(-1, (self.n_heads, cfg.qk_head_dim)).split(
