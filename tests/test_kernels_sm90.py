@@ -7,7 +7,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from dsv3.ops import adamw, cross_entropy, fp8_gemm, fp8_gemv, mla_decode, moe_decode  # noqa: E402
-from dsv3.ops.tuning import GEMV_TILES, INTERPRET  # noqa: E402
+from dsv3.ops.tuning import GEMV_TILES, INTERPRET, pdl_meta  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="under the interpreter the kernels are not compiled")
 HOPPER = triton.backends.compiler.GPUTarget("cuda", 90, 32)
@@ -27,6 +27,13 @@ def _compile(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_stag
     assert "ptx" in compiled.asm
     shared = compiled.metadata.shared
     assert shared <= SHARED_MEMORY, f"{fn.__name__} needs {shared} B of shared memory"
+
+
+def test_programmatic_dependent_launch_is_for_cuda_only():
+    # The grid-dependency instructions exist from sm_90 on; a CPU tensor (the interpreter's launches) never asks.
+    import torch
+
+    assert pdl_meta(torch.device("cpu")) == {"PDL": False}
 
 
 @pytest.mark.parametrize("pdl", [False, True])

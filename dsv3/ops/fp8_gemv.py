@@ -48,7 +48,7 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, n: int
                          f"block-scaled [{n}, {k}] matrix")
     y = x.new_empty(m, n)
     _fp8_gemv_kernel[lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]))](
-        x, w, w_scale_inv, y, x.stride(0), n, k, kp, **fixed_meta(_CONFIGS), **pdl_meta())
+        x, w, w_scale_inv, y, x.stride(0), n, k, kp, **fixed_meta(_CONFIGS), **pdl_meta(x.device))
     return y
 
 

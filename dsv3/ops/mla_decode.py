@@ -100,11 +100,11 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         lengths.stride(0), h, pages_per_split,
         # tl.dot wants every tile dimension >= 16; the masks keep the padding out.
         C=c, R=r, BLOCK_C=max(16, triton.next_power_of_2(c)), BLOCK_R=max(16, triton.next_power_of_2(r)),
-        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, PAGE=page, num_warps=4, num_stages=2, **pdl_meta(),
+        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, PAGE=page, num_warps=4, num_stages=2, **pdl_meta(q_lat.device),
     )
     out = torch.empty_like(q_lat, memory_format=torch.contiguous_format)  # [M, H, C]
     _mla_merge[(m, h, triton.cdiv(c, MERGE_C))](partial, lse, out, splits, h, C=c, BLOCK_S=MERGE_S, BLOCK_C=MERGE_C,
-                                                **pdl_meta())
+                                                **pdl_meta(q_lat.device))
     return out
 
 

@@ -205,7 +205,7 @@ def _route_launch(x: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec, s
         ATOMIC_COUNTS=programs > 1, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_PG=block_pg,
         BLOCK_K=triton.next_power_of_2(spec.top_k),
         # A small tile reduces inside one warp (shuffles only, no shared-memory round trips).
-        num_warps=1 if tile <= 256 else 4 if tile <= 2048 else 8, **pdl_meta(),
+        num_warps=1 if tile <= 256 else 4 if tile <= 2048 else 8, **pdl_meta(x.device),
     )
     return weights, indices, scores, counts
 
@@ -259,11 +259,11 @@ def expert_parts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
     h = x.new_empty(pairs, inter)  # [T*(K+NS), I]
     _gate_up_kernel[lambda meta: (pairs, triton.cdiv(inter, meta["BLOCK_I"]))](
         x, gate_up_proj, gu_scale, s_gate, s_up, indices, h, x.stride(0), d, inter, up_row, gu_stride, pairs,
-        K=k, NS=ns, FP8=fp8 is not None, **fixed_meta(_GATE_UP_CONFIGS), **pdl_meta())
+        K=k, NS=ns, FP8=fp8 is not None, **fixed_meta(_GATE_UP_CONFIGS), **pdl_meta(x.device))
     part = x.new_empty(pairs, d, dtype=torch.float32)  # [T*(K+NS), D]: each pair's output times its weight
     _down_kernel[lambda meta: (pairs, triton.cdiv(d, meta["BLOCK_D"]))](
         h, down_proj, down_scale, s_down, indices, weights, part, d, inter, down_proj.shape[1], down_stride, pairs,
-        K=k, NS=ns, FP8=fp8 is not None, **fixed_meta(_DOWN_CONFIGS), **pdl_meta())
+        K=k, NS=ns, FP8=fp8 is not None, **fixed_meta(_DOWN_CONFIGS), **pdl_meta(x.device))
     return part.view(t, k + ns, d)
 
 
