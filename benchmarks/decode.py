@@ -30,6 +30,7 @@ from benchmarks.common import save_results, sync
 from dsv3.engine import Engine, SamplingParams
 from dsv3.info import model_stats
 from dsv3.model import Gate, Rotary, Transformer, cast_model
+from dsv3.ops import gemv
 from dsv3.tokenizer import Tokenizer
 
 PROMPTS = [  # for checkpoints with a tokenizer (the speculative run); random ids otherwise
@@ -145,6 +146,13 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
         return runs
 
     ours = timed(model)
+    plain_gemv = {}
+    if args.gemv:  # the same model with its decode projections and router through the Triton GEMV (DSV3_GEMV=1)
+        gemv.PLAIN = True
+        try:
+            plain_gemv = timed(model)
+        finally:
+            gemv.PLAIN = False
     fp8 = {}
     if args.fp8_weights:
         with tempfile.TemporaryDirectory() as tmp:
@@ -172,6 +180,10 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
                "dsv3_decode_tokens_per_s_range": ours[b]["decode_tokens_per_s_range"]}
         if b == 1:
             row["hbm_roofline_fraction"] = ours[b]["decode_tokens_per_s"] * bytes_per_token / bandwidth
+        if b in plain_gemv:
+            row["dsv3_gemv_decode_tokens_per_s"] = plain_gemv[b]["decode_tokens_per_s"]
+            row["dsv3_gemv_decode_tokens_per_s_range"] = plain_gemv[b]["decode_tokens_per_s_range"]
+            row["gemv_vs_cublas"] = plain_gemv[b]["decode_tokens_per_s"] / ours[b]["decode_tokens_per_s"]
         if b in fp8:
             row["dsv3_fp8_tokens_per_s"] = fp8[b]["tokens_per_s"]
             row["dsv3_fp8_decode_tokens_per_s"] = fp8[b]["decode_tokens_per_s"]
@@ -241,11 +253,14 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile each decode bucket's step")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (the roofline alone)")
     p.add_argument("--fp8-weights", action="store_true", help="also time the weights served from an FP8 checkpoint")
+    p.add_argument("--gemv", action="store_true",
+                   help="also time the decode projections and router through the Triton GEMV (dsv3.ops.gemv)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA GPU")
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
-    suffix = ("_compiled" if args.compile else "") + ("_fp8" if args.fp8_weights else "")
+    suffix = "".join(name for name, on in [("_compiled", args.compile), ("_fp8", args.fp8_weights),
+                                           ("_gemv", args.gemv)] if on)
     if args.speculative:
         if not args.model:
             raise SystemExit("--speculative needs --model DIR, a checkpoint trained with MTP")

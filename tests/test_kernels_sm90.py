@@ -6,7 +6,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from dsv3.ops import adamw, cross_entropy, fp8_gemm, fp8_gemv, mla_decode, moe_decode  # noqa: E402
+from dsv3.ops import adamw, cross_entropy, fp8_gemm, gemv, mla_decode, moe_decode  # noqa: E402
 from dsv3.ops.tuning import GEMV_TILES, INTERPRET, pdl_meta  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="under the interpreter the kernels are not compiled")
@@ -111,8 +111,11 @@ def test_adamw_kernel(moment):
              dict(BLOCK=adamw.BLOCK))
 
 
+# The FP8 checkpoints' W8A16 form, bf16 weights, and the router's fp32 rows against its bf16 weight.
+@pytest.mark.parametrize("x,w,scaled", [("*bf16", "*fp8e4nv", True), ("*bf16", "*bf16", False),
+                                        ("*fp32", "*bf16", False)])
 @pytest.mark.parametrize("tile,pdl", GEMV_CASES)
-def test_fp8_gemv_kernel(tile, pdl):
+def test_gemv_kernel(tile, pdl, x, w, scaled):
     rows, cols, warps, stages = tile
-    _compile(fp8_gemv._fp8_gemv_kernel, {"X": "*bf16", "W": "*fp8e4nv", "WS": "*fp32", "Y": "*bf16"},
-             dict(BLOCK_N=rows, BLOCK_K=cols, PDL=pdl), warps, stages)
+    _compile(gemv._gemv_kernel, {"X": x, "W": w, "WS": "*fp32" if scaled else w, "Y": x},
+             dict(SCALED=scaled, BLOCK_N=rows, BLOCK_K=cols, PDL=pdl), warps, stages)

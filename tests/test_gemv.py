@@ -1,0 +1,154 @@
+"""The decode GEMV (`ops.gemv`): its reference against the block-scaled weight expanded by hand, the kernel against
+the reference under Triton's interpreter (a subprocess, as Triton reads TRITON_INTERPRET when kernels are defined)
+and on a GPU, for FP8 block-scaled (W8A16), bf16 and fp32-row weights; `Fp8WeightLinear` taking it for few rows;
+and `linear`, which with DSV3_GEMV=1 puts a model's decode-time projections and router through it, giving a tiny
+model's logits as F.linear does."""
+
+import os
+
+import pytest
+import torch
+
+from dsv3.fp8 import quantize_blocks
+from dsv3.ops import gemv
+from tests.conftest import rerun_under_interpreter
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_under_the_triton_interpreter's subprocess")
+
+
+def _weight(n: int, k: int, seed: int = 0, device: str = "cpu"):
+    # An FP8 checkpoint weight [n, k] as Fp8WeightLinear holds it: e4m3 padded to whole 128x128 blocks, with scales
+    # that differ block to block (rows of different magnitude).
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-2, 1, n)[:, None]
+    q, s = quantize_blocks(w, 128, 128)
+    return q.to(device), s.to(device), w.to(device)
+
+
+def test_reference_is_the_block_scaled_product():
+    q, s, w = _weight(200, 300)
+    x = torch.randn(3, 300).bfloat16()
+    scales = s.repeat_interleave(128, 0).repeat_interleave(128, 1)  # one scale per weight
+    want = x.float() @ (q.float() * scales)[:200, :300].t()
+    torch.testing.assert_close(gemv.gemv_reference(x, q, s, 200), want.bfloat16())
+    assert ((want - x.float() @ w.t()).norm() / want.norm()) < 0.05  # and e4m3's error on the weight is small
+    torch.testing.assert_close(gemv.gemv_reference(x, w.bfloat16(), None, 200), (x @ w.bfloat16().t()))
+
+
+def _check(device: str) -> None:
+    for n, k, m in [(200, 300, 1), (256, 384, 4), (576, 2048, 2), (1, 129, 3)]:
+        q, s, w = _weight(n, k, seed=n + k, device=device)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device)
+        # FP8 against bf16 rows; bf16 against bf16; the router's fp32 rows against its bf16 weight
+        for xs, ws, scales in [(x.bfloat16(), q, s), (x.bfloat16(), w.bfloat16(), None), (x, w.bfloat16(), None)]:
+            got = gemv.gemv(xs, ws, scales, n)
+            want = gemv.gemv_reference(xs, ws, scales, n)
+            assert got.shape == (m, n) and got.dtype == xs.dtype
+            tol = 1e-5 if xs.dtype == torch.float32 else 1e-2  # fp32 sums in another order; bf16 output rounding
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max().item())
+
+
+@interpreted
+def test_kernel_matches_reference_interpreted():
+    _check("cpu")
+
+
+@interpreted
+def test_fp8_linear_takes_the_gemv_for_few_rows_interpreted():
+    from dsv3.fp8_infer import Fp8WeightLinear
+
+    q, s, _ = _weight(200, 300)
+    layer = Fp8WeightLinear(300, 200, None, emulate=False, device=torch.device("cpu"))
+    layer.weight.copy_(q)
+    layer.weight_scale_inv.copy_(s)
+    x = torch.randn(2, 1, 300).bfloat16()
+    with torch.no_grad():
+        assert gemv.applies(x.flatten(0, 1)) and not gemv.applies(torch.zeros(gemv.MAX_ROWS + 1, 300).bfloat16())
+        torch.testing.assert_close(layer(x).float(), gemv.gemv_reference(x.flatten(0, 1), q, s, 200)
+                                   .view(2, 1, 200).float(), rtol=1e-2, atol=1e-2)
+    assert not gemv.applies(x.flatten(0, 1))  # with autograd on, the GEMM path
+
+
+@interpreted
+def test_model_projections_and_router_take_it_with_the_switch_interpreted(monkeypatch):
+    # A decode-sized forward of a tiny model (one token, no grad) with DSV3_GEMV=1: every plain projection the
+    # decode path calls through `model.linear`, the shared q/kv_a buffer and the router's fp32 logits run the
+    # kernel, and the logits are F.linear's up to summation order.
+    from dsv3.config import ModelConfig
+    from dsv3.model import build_model
+
+    model = build_model(ModelConfig.preset("tiny")).eval()
+    model.share_input_weights()
+    ids = torch.tensor([[5]])
+    with torch.no_grad():
+        want = model(ids)
+        calls = []
+        monkeypatch.setattr(gemv, "PLAIN", True)
+        monkeypatch.setattr(gemv, "_gemv", lambda *a, _run=gemv._gemv: calls.append(a[1].shape) or _run(*a))
+        got = model(ids)
+    attn, moe = model.layers[-1].self_attn, model.layers[-1].mlp
+    assert attn.input_weight.shape in calls  # the shared q_a / kv_a buffer
+    assert attn.q_b_proj.weight.shape in calls and moe.gate.weight.shape in calls  # a projection; the router
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@interpreted
+def test_engine_greedy_tokens_are_unchanged_by_the_switch_interpreted(monkeypatch):
+    # The engine's decode steps (one row each here, so every projection of the step is a GEMV) give the tokens
+    # F.linear gives, the attention's output projection included.
+    from dsv3.config import ModelConfig
+    from dsv3.engine import Engine, SamplingParams
+    from dsv3.model import build_model
+
+    model = build_model(ModelConfig.preset("tiny")).eval()
+    prompts, params = [[5, 9, 2, 7]], [SamplingParams(max_tokens=6, temperature=0.0)]
+    want = [c.token_ids for c in Engine(model, max_batch_size=1).generate(prompts, params)]
+    calls = []
+    monkeypatch.setattr(gemv, "PLAIN", True)
+    monkeypatch.setattr(gemv, "_gemv", lambda *a, _run=gemv._gemv: calls.append(a[1].data_ptr()) or _run(*a))
+    got = [c.token_ids for c in Engine(model, max_batch_size=1).generate(prompts, params)]
+    assert got == want
+    assert model.layers[-1].self_attn.o_proj.weight.data_ptr() in calls
+
+
+@interpreted
+def test_custom_op_matches_its_fake_interpreted():
+    # (opcheck's schema test perturbs the inputs, which the CPU cannot do to e4m3 tensors: the bf16 form.)
+    _, _, w = _weight(256, 384)
+    x = torch.randn(2, 384).bfloat16()
+    torch.library.opcheck(torch.ops.dsv3.gemv, (x, w.bfloat16(), None, 200))
+
+
+@pytest.mark.skipif(INTERPRETED or gemv.triton is None, reason="this is the subprocess, or no triton")
+def test_under_the_triton_interpreter():
+    rerun_under_interpreter(__file__, "interpreted")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or gemv.triton is None, reason="needs CUDA and triton")
+def test_kernel_matches_reference_on_the_gpu():
+    _check("cuda")
+
+
+def test_linear_is_f_linear_without_the_switch(monkeypatch):
+    # Off (the default), or where it does not apply, `linear` is F.linear with the weight in x's dtype.
+    w, x = torch.randn(6, 5).bfloat16(), torch.randn(1, 5)
+    with torch.no_grad():
+        assert not gemv.takes(x, w)
+        torch.testing.assert_close(gemv.linear(x, w), torch.nn.functional.linear(x, w.float()))
+        monkeypatch.setattr(gemv, "PLAIN", True)
+        assert not gemv.takes(torch.randn(gemv.MAX_ROWS + 1, 5), w)  # too many rows
+        assert not gemv.takes(x, w.t())  # a strided weight
+    assert not gemv.takes(x, w)  # autograd on
+
+
+@pytest.mark.skipif(gemv.triton is None, reason="needs triton")
+def test_bad_weights_are_named():
+    q, s, _ = _weight(200, 300)
+    x = torch.randn(1, 300).bfloat16()
+    with pytest.raises(ValueError, match="not a padded block-scaled"):
+        gemv.gemv(x, q, s[:1], 200)
+    with pytest.raises(ValueError, match="contiguous"):
+        gemv.gemv(x, q.t(), s, 200)
+    with pytest.raises(ValueError, match="do not fit"):
+        gemv.gemv(x, q[:128, :256].contiguous(), s[:1, :2].contiguous(), 200)
