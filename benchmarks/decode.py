@@ -125,6 +125,11 @@ def engine_for(model, args, batch: int, prompt_len: int, speculative: bool = Fal
                   cuda_graphs=not args.no_graphs, decode_kernel=args.kernel, compile=args.compile)
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many greedy tokens two runs share before they first differ (bf16 paths drift apart eventually)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
     cfg = dsv3.ModelConfig.preset(args.preset)
     model = random_model(cfg, device, dtype)
@@ -184,6 +189,7 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
             row["dsv3_gemv_decode_tokens_per_s"] = plain_gemv[b]["decode_tokens_per_s"]
             row["dsv3_gemv_decode_tokens_per_s_range"] = plain_gemv[b]["decode_tokens_per_s_range"]
             row["gemv_vs_cublas"] = plain_gemv[b]["decode_tokens_per_s"] / ours[b]["decode_tokens_per_s"]
+            row["gemv_common_prefix"] = common_prefix(ours[b]["tokens"][0], plain_gemv[b]["tokens"][0])
         if b in fp8:
             row["dsv3_fp8_tokens_per_s"] = fp8[b]["tokens_per_s"]
             row["dsv3_fp8_decode_tokens_per_s"] = fp8[b]["decode_tokens_per_s"]
@@ -197,8 +203,7 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
             row[f"hf_{impl}_tokens_per_s"] = theirs["tokens_per_s"]
             row[f"speedup_vs_hf_{impl}"] = ours[b]["tokens_per_s"] / theirs["tokens_per_s"]
             # bf16 greedy paths drift apart eventually; the length of the common prefix shows they start alike
-            a, t = ours[b]["tokens"][0], theirs["tokens"][0]
-            row[f"common_prefix_with_hf_{impl}"] = next((i for i, (x, y) in enumerate(zip(a, t)) if x != y), len(a))
+            row[f"common_prefix_with_hf_{impl}"] = common_prefix(ours[b]["tokens"][0], theirs["tokens"][0])
         results["runs"].append(row)
         print(row, flush=True)
     return results
