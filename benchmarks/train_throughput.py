@@ -2,8 +2,9 @@
 
     python -m benchmarks.train_throughput --preset 1b --batch 8 --seq 2048
 
-Both train from fp32 master weights under bf16 autocast with fused AdamW (betas 0.9/0.95, weight decay 0.1), grad
-clipping at 1.0, on the same random-token batches. dsv3 runs its own `Trainer` pieces (loss with the sequence-wise
+Both train from fp32 master weights under bf16 autocast with AdamW (betas 0.9/0.95, weight decay 0.1) and grad
+clipping at 1.0, on the same random-token batches: transformers with torch's fused AdamW (fp32 moments), dsv3 with
+its trainer's (bf16 moments, as in the report; `--fp32-moments` gives it torch's too). dsv3 runs its own `Trainer` pieces (loss with the sequence-wise
 balance term, the auxiliary-loss-free bias update after each step); MTP is off in the head-to-head row (transformers
 has no MTP) and timed separately. `--fp8` also times dsv3 with the report's FP8 recipe (`apply_fp8`: fine-grained FP8
 GEMMs for every linear layer and expert) against its own bf16 row. MFU uses dsv3's FLOP count (`dsv3.info`) and the
@@ -27,8 +28,8 @@ from dsv3.fp8_train import apply_fp8, make_adamw
 from dsv3.train import adamw_param_groups, mtp_terms, peak_bf16_flops
 
 
-def _optimizer(model, bf16_moments: bool = False):
-    # torch's fused AdamW on CUDA, or dsv3's with bf16 moments (one Triton pass per parameter)
+def _optimizer(model, bf16_moments: bool):
+    # the trainer's: dsv3's AdamW with bf16 moments (one Triton pass per parameter), or torch's fused one
     return make_adamw(adamw_param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), bf16_moments=bf16_moments)
 
 
@@ -74,7 +75,7 @@ def dsv3_step_fn(model, batches, mtp: bool, accum: int, bf16_moments: bool):
 
 
 def hf_step_fn(model, batches, accum: int):
-    opt = _optimizer(model)
+    opt = _optimizer(model, bf16_moments=False)
     it = iter(range(10**9))
 
     def step():
@@ -104,9 +105,10 @@ def main() -> None:
     p.add_argument("--hf-impls", default="grouped_mm,eager")
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
     p.add_argument("--fp8", action="store_true", help="also time dsv3 with FP8 GEMMs (issue 4's end-to-end ratio)")
-    p.add_argument("--bf16-moments", action="store_true",
-                   help="dsv3 rows step AdamW with bf16 moments (the report's; `benchmarks/adamw.py` times it alone) "
-                        "instead of torch's fused AdamW with fp32 moments; transformers keeps torch's")
+    p.add_argument("--fp32-moments", action="store_true",
+                   help="dsv3 rows step torch's fused AdamW with fp32 moments instead of the trainer's bf16-moment "
+                        "AdamW under bf16/FP8 (the report's; `benchmarks/adamw.py` times the two alone); "
+                        "transformers always steps torch's")
     p.add_argument("--only", default="", help="comma-separated dsv3 rows to time (e.g. dsv3_compiled,"
                    "dsv3_fp8_compiled); default: every row the other flags enable")
     p.add_argument("--profile", default="",
@@ -125,7 +127,7 @@ def main() -> None:
     flops = {d: model_stats(cfg.replace(num_nextn_predict_layers=d), args.seq) for d in (0, 1)}
     fpt = {0: 3 * flops[0].fwd_flops_per_token, 1: flops[1].train_flops_per_token}
     results: dict = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "accum": args.accum,
-                     "dsv3_bf16_moments": args.bf16_moments,
+                     "dsv3_bf16_moments": not args.fp32_moments,
                      "peak_tflops": peak / 1e12,
                      "train_flops_per_token": fpt}
 
@@ -164,7 +166,7 @@ def main() -> None:
             apply_fp8(model)
         model.train()
         run = torch.compile(model) if compiled else model
-        step = dsv3_step_fn(run, batches, depth > 0, args.accum, args.bf16_moments)
+        step = dsv3_step_fn(run, batches, depth > 0, args.accum, not args.fp32_moments)
         record(key, _time_steps(step, 3 if compiled else 2, args.steps), fpt[depth])
         if key in profile:
             results[f"{key}_profile"] = kernel_profile(step, device, top=25)

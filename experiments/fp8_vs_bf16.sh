@@ -2,8 +2,8 @@
 # FP8 vs bf16 training of the `1b` preset on the same data, seed and batches (issue 4's loss criterion).
 #   bash experiments/fp8_vs_bf16.sh DATA_DIR OUT_DIR [STEPS]
 #   # SEQ, BATCH, PRECISIONS ("bf16 fp8"), SEEDS ("0"), COMPILE (false), BF16_MOMENTS may be set
-# BF16_MOMENTS=true gives the bf16 run the FP8 run's bf16 AdamW moments too, so that the two differ only in their
-# GEMMs; unset, each precision takes the trainer's default (fp32 moments for bf16).
+# BF16_MOMENTS (true/false) sets both runs' AdamW moments; unset, each takes the trainer's default, bf16 moments for
+# both precisions (before session 13 the bf16 run's default was fp32), so the two differ only in their GEMMs.
 # DATA_DIR is a `dsv3 prepare` folder (e.g. the one experiments/ablations.sh writes). The FP8 run follows the
 # report's recipe (fine-grained FP8 GEMMs, bf16 AdamW moments); the bf16 run is the usual autocast baseline. Each
 # seed (initialisation and data order) trains both precisions, into OUT_DIR/PRECISION (seed 0) or

@@ -200,6 +200,17 @@ def test_fp8_precision_trains_emulated_on_the_cpu(dataset, tmp_path):
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
+def test_moments_are_bf16_under_mixed_precision_and_fp32_in_fp32(dataset, tmp_path):
+    # The report's bf16 moments under bf16 (and FP8) precision; fp32 training keeps torch's fp32 ones; the flag wins.
+    def optimizer(**kw):
+        return Trainer(_tc(dataset, tmp_path / "_".join(map(str, kw.values())), max_steps=1, **kw),
+                       progress=False).optimizer
+
+    assert type(optimizer(precision="bf16")).__module__ == "dsv3.fp8_train"
+    assert type(optimizer(precision="fp32")) is torch.optim.AdamW
+    assert type(optimizer(precision="bf16", bf16_moments=False)) is torch.optim.AdamW
+
+
 def test_throughput_benchmark_step_accumulates_micro_batches(monkeypatch):
     # benchmarks/train_throughput.py's dsv3 step, on the CPU: with accum 2 one call runs two micro-batches, one
     # optimiser step and one bias update from the two batches' summed expert loads.
