@@ -301,6 +301,15 @@ class AdamW(torch.optim.Optimizer):
                         group["eps"], group["weight_decay"])
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch's loader casts floating state to each parameter's dtype (fp32 master weights): the moments come back
+        # to their own dtype, bf16 -> fp32 -> bf16 being exact, so a resumed run continues as a straight one.
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.moment_dtype)
+
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:

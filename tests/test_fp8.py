@@ -359,3 +359,27 @@ def test_adamw_matches_torch_and_keeps_bf16_moments():
     state = opt.state[bf16[0]]
     assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg_sq"].dtype == torch.bfloat16
     assert isinstance(make_adamw([nn.Parameter(torch.ones(2))], lr=1e-3), torch.optim.AdamW)
+
+
+def test_bf16_moments_survive_a_state_dict_round_trip():
+    # Resume: torch's loader would cast the moments to the fp32 parameters' dtype; a run resumed after step 2 must
+    # keep bf16 moments and end bitwise where the straight run does.
+    torch.manual_seed(0)
+    init = torch.randn(30, 20)
+    grads = [torch.randn_like(init) for _ in range(4)]
+
+    def steps(param, opt, gs):
+        for g in gs:
+            param.grad = g.clone()
+            opt.step()
+
+    straight = nn.Parameter(init.clone())
+    steps(straight, make_adamw([straight], lr=1e-2, bf16_moments=True), grads)
+    resumed = nn.Parameter(init.clone())
+    first = make_adamw([resumed], lr=1e-2, bf16_moments=True)
+    steps(resumed, first, grads[:2])
+    second = make_adamw([resumed], lr=1e-2, bf16_moments=True)
+    second.load_state_dict(first.state_dict())
+    assert second.state[resumed]["exp_avg"].dtype == torch.bfloat16
+    steps(resumed, second, grads[2:])
+    assert torch.equal(resumed, straight)
