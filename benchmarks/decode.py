@@ -190,6 +190,8 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
             row["dsv3_gemv_decode_tokens_per_s_range"] = plain_gemv[b]["decode_tokens_per_s_range"]
             row["gemv_vs_cublas"] = plain_gemv[b]["decode_tokens_per_s"] / ours[b]["decode_tokens_per_s"]
             row["gemv_common_prefix"] = common_prefix(ours[b]["tokens"][0], plain_gemv[b]["tokens"][0])
+            if b == 1:
+                row["gemv_hbm_roofline_fraction"] = plain_gemv[b]["decode_tokens_per_s"] * bytes_per_token / bandwidth
         if b in fp8:
             row["dsv3_fp8_tokens_per_s"] = fp8[b]["tokens_per_s"]
             row["dsv3_fp8_decode_tokens_per_s"] = fp8[b]["decode_tokens_per_s"]
