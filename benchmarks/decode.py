@@ -151,13 +151,15 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
         return runs
 
     ours = timed(model)
-    plain_gemv = {}
-    if args.gemv:  # the same model with its decode projections and router through the Triton GEMV (DSV3_GEMV=1)
-        gemv.PLAIN = True
+    gemv_rows = {}
+    if args.gemv:  # the same model with its decode projections and router through the Triton GEMV (DSV3_GEMV=1),
+        # then with MLA's absorbed per-head products too (DSV3_GEMV_HEADS=1)
         try:
-            plain_gemv = timed(model)
+            for name, heads in [("gemv", False), ("gemv_heads", True)]:
+                gemv.PLAIN, gemv.HEADS = True, heads
+                gemv_rows[name] = timed(model)
         finally:
-            gemv.PLAIN = False
+            gemv.PLAIN = gemv.HEADS = False
     fp8 = {}
     if args.fp8_weights:
         with tempfile.TemporaryDirectory() as tmp:
@@ -185,13 +187,14 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
                "dsv3_decode_tokens_per_s_range": ours[b]["decode_tokens_per_s_range"]}
         if b == 1:
             row["hbm_roofline_fraction"] = ours[b]["decode_tokens_per_s"] * bytes_per_token / bandwidth
-        if b in plain_gemv:
-            row["dsv3_gemv_decode_tokens_per_s"] = plain_gemv[b]["decode_tokens_per_s"]
-            row["dsv3_gemv_decode_tokens_per_s_range"] = plain_gemv[b]["decode_tokens_per_s_range"]
-            row["gemv_vs_cublas"] = plain_gemv[b]["decode_tokens_per_s"] / ours[b]["decode_tokens_per_s"]
-            row["gemv_common_prefix"] = common_prefix(ours[b]["tokens"][0], plain_gemv[b]["tokens"][0])
+        for name, runs in gemv_rows.items():
+            rate = runs[b]["decode_tokens_per_s"]
+            row[f"dsv3_{name}_decode_tokens_per_s"] = rate
+            row[f"dsv3_{name}_decode_tokens_per_s_range"] = runs[b]["decode_tokens_per_s_range"]
+            row[f"{name}_vs_cublas"] = rate / ours[b]["decode_tokens_per_s"]
+            row[f"{name}_common_prefix"] = common_prefix(ours[b]["tokens"][0], runs[b]["tokens"][0])
             if b == 1:
-                row["gemv_hbm_roofline_fraction"] = plain_gemv[b]["decode_tokens_per_s"] * bytes_per_token / bandwidth
+                row[f"{name}_hbm_roofline_fraction"] = rate * bytes_per_token / bandwidth
         if b in fp8:
             row["dsv3_fp8_tokens_per_s"] = fp8[b]["tokens_per_s"]
             row["dsv3_fp8_decode_tokens_per_s"] = fp8[b]["decode_tokens_per_s"]
@@ -261,7 +264,8 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true", help="skip transformers (the roofline alone)")
     p.add_argument("--fp8-weights", action="store_true", help="also time the weights served from an FP8 checkpoint")
     p.add_argument("--gemv", action="store_true",
-                   help="also time the decode projections and router through the Triton GEMV (dsv3.ops.gemv)")
+                   help="also time the decode projections and router through the Triton GEMV (dsv3.ops.gemv), "
+                        "then MLA's absorbed per-head products too")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA GPU")

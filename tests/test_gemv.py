@@ -49,9 +49,36 @@ def _check(device: str) -> None:
             torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max().item())
 
 
+def test_head_references_are_the_absorbed_attention_products():
+    # kv_b_proj's weight [H * (nope + v), C] holds per head nope rows of W_UK, then v rows of W_UV
+    h, nope, v, c, m = 3, 8, 4, 16, 2
+    w = torch.randn(h * (nope + v), c)
+    q_nope, o_lat = torch.randn(m, h, nope), torch.randn(m, h, c)
+    per_head = w.view(h, nope + v, c)
+    want_q = torch.stack([q_nope[:, i] @ per_head[i, :nope] for i in range(h)], dim=1)  # [M, H, C]
+    want_o = torch.stack([o_lat[:, i] @ per_head[i, nope:].t() for i in range(h)], dim=1)  # [M, H, v]
+    torch.testing.assert_close(gemv.head_cols_reference(q_nope, w, 0, nope + v), want_q)
+    torch.testing.assert_close(gemv.head_rows_reference(o_lat, w, nope, nope + v, v), want_o)
+
+
+def _check_heads(device: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    # (heads, nope, v, C, rows): C not a multiple of the column tiles; v = 8, a head smaller than most row tiles
+    for h, nope, v, c, m in [(4, 32, 32, 64, 1), (2, 16, 8, 48, 3), (16, 128, 128, 512, 2)]:
+        w = torch.randn(h * (nope + v), c, generator=gen).bfloat16().to(device)
+        q = torch.randn(m, h, nope + 16, generator=gen).bfloat16().to(device)[..., :nope]  # a strided view, as MLA's
+        o = torch.randn(m, h, c, generator=gen).bfloat16().to(device)
+        for got, want in [(gemv.head_cols(q, w, 0, nope + v), gemv.head_cols_reference(q, w, 0, nope + v)),
+                          (gemv.head_rows(o, w, nope, nope + v, v), gemv.head_rows_reference(o, w, nope, nope + v, v))]:
+            assert got.shape == want.shape and got.dtype == torch.bfloat16
+            scale = want.float().abs().max().item()
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2 * scale)
+
+
 @interpreted
 def test_kernel_matches_reference_interpreted():
     _check("cpu")
+    _check_heads("cpu")
 
 
 @interpreted
@@ -110,6 +137,13 @@ def test_engine_greedy_tokens_are_unchanged_by_the_switch_interpreted(monkeypatc
     got = [c.token_ids for c in Engine(model, max_batch_size=1).generate(prompts, params)]
     assert got == want
     assert model.layers[-1].self_attn.o_proj.weight.data_ptr() in calls
+    # and with the absorbed attention's per-head products through the GEMVs too
+    heads = []
+    monkeypatch.setattr(gemv, "HEADS", True)
+    monkeypatch.setattr(gemv, "_head_cols", lambda *a, _run=gemv._head_cols: heads.append("W_UK") or _run(*a))
+    monkeypatch.setattr(gemv, "_head_rows", lambda *a, _run=gemv._head_rows: heads.append("W_UV") or _run(*a))
+    got = [c.token_ids for c in Engine(model, max_batch_size=1).generate(prompts, params)]
+    assert got == want and {"W_UK", "W_UV"} <= set(heads)
 
 
 @interpreted
@@ -118,6 +152,9 @@ def test_custom_op_matches_its_fake_interpreted():
     _, _, w = _weight(256, 384)
     x = torch.randn(2, 384).bfloat16()
     torch.library.opcheck(torch.ops.dsv3.gemv, (x, w.bfloat16(), None, 200))
+    kv_b, q, o = torch.randn(4 * 48, 64).bfloat16(), torch.randn(2, 4, 32).bfloat16(), torch.randn(2, 4, 64).bfloat16()
+    torch.library.opcheck(torch.ops.dsv3.gemv_head_cols, (q, kv_b, 0, 48))
+    torch.library.opcheck(torch.ops.dsv3.gemv_head_rows, (o, kv_b, 32, 48, 16))
 
 
 @pytest.mark.skipif(INTERPRETED or gemv.triton is None, reason="this is the subprocess, or no triton")
@@ -128,6 +165,7 @@ def test_under_the_triton_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available() or gemv.triton is None, reason="needs CUDA and triton")
 def test_kernel_matches_reference_on_the_gpu():
     _check("cuda")
+    _check_heads("cuda")
 
 
 def test_linear_is_f_linear_without_the_switch(monkeypatch):
@@ -152,3 +190,8 @@ def test_bad_weights_are_named():
         gemv.gemv(x, q.t(), s, 200)
     with pytest.raises(ValueError, match="do not fit"):
         gemv.gemv(x, q[:128, :256].contiguous(), s[:1, :2].contiguous(), 200)
+    w = torch.randn(4 * 48, 64).bfloat16()
+    with pytest.raises(ValueError, match="not 4 heads of 40 rows"):
+        gemv.head_rows(torch.randn(1, 4, 64).bfloat16(), w, 32, 40, 16)
+    with pytest.raises(ValueError, match="multiple of the smallest tile"):
+        gemv.head_rows(torch.randn(1, 4, 64).bfloat16(), w, 32, 48, 6)

@@ -119,3 +119,10 @@ def test_gemv_kernel(tile, pdl, x, w, scaled):
     rows, cols, warps, stages = tile
     _compile(gemv._gemv_kernel, {"X": x, "W": w, "WS": "*fp32" if scaled else w, "Y": x},
              dict(SCALED=scaled, BLOCK_N=rows, BLOCK_K=cols, PDL=pdl), warps, stages)
+
+
+@pytest.mark.parametrize("config", gemv._COLS_CONFIGS, ids=str)
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gemv_head_cols_kernel(config, pdl):
+    _compile(gemv._head_cols_kernel, {"X": "*bf16", "W": "*bf16", "Y": "*bf16"},
+             dict(**config.kwargs, PDL=pdl), config.num_warps, config.num_stages)

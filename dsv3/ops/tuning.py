@@ -61,12 +61,14 @@ def pdl_meta(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
 
 
-def autotuned(configs: list, key: list[str]):
-    """triton.autotune(configs, key) on a GPU; under the interpreter the kernel as it is."""
+def autotuned(configs: list, key: list[str], prune=None):
+    """triton.autotune(configs, key) on a GPU, `prune(configs, args)` dropping the configurations a launch cannot
+    take; under the interpreter the kernel as it is."""
     def wrap(kernel):
         if INTERPRET:
             return kernel
-        return triton.autotune(configs, key=key)(kernel)
+        by = {"early_config_prune": lambda configs, args, **kw: prune(configs, args)} if prune else None
+        return triton.autotune(configs, key=key, prune_configs_by=by)(kernel)
 
     return wrap
 
