@@ -147,6 +147,32 @@ def test_engine_greedy_tokens_are_unchanged_by_the_switch_interpreted(monkeypatc
 
 
 @interpreted
+def test_compiled_decode_steps_trace_whole_with_the_switches_interpreted(monkeypatch):
+    # With both switches on, the compiled decode steps (as the 16b benchmark runs them) are still one graph per
+    # function, the GEMVs inside as custom ops, and give the eager engine's tokens (bf16, as compiling needs).
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from dsv3.config import ModelConfig
+    from dsv3.engine import Engine, SamplingParams
+    from dsv3.model import build_model
+
+    model = build_model(ModelConfig.preset("tiny", num_hidden_layers=2), dtype=torch.bfloat16).eval()
+    prompts = [[5, 9, 2, 7, 1], [3, 8, 6]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    want = [c.token_ids for c in Engine(model, max_batch_size=2, speculative=True).generate(prompts, params)]
+    monkeypatch.setattr(gemv, "PLAIN", True)
+    monkeypatch.setattr(gemv, "HEADS", True)
+    engine = Engine(model, max_batch_size=2, speculative=True, compile=True)
+    counter = CompileCounterWithBackend("aot_eager")
+    engine.graphs.backend = counter
+    ops = []
+    monkeypatch.setattr(gemv, "_head_rows", lambda *a, _run=gemv._head_rows: ops.append(a[0].shape) or _run(*a))
+    got = [c.token_ids for c in engine.generate(prompts, params)]
+    assert counter.frame_count == len(engine.graphs.fns) and ops  # whole graphs, and the kernels ran inside them
+    assert got == want
+
+
+@interpreted
 def test_custom_op_matches_its_fake_interpreted():
     # (opcheck's schema test perturbs the inputs, which the CPU cannot do to e4m3 tensors: the bf16 form.)
     _, _, w = _weight(256, 384)
