@@ -442,7 +442,7 @@ class MTPModule(nn.Module):
     def forward(self, emb: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         # emb: [B, T, D] embeddings of the tokens k ahead; h: [B, T, D] previous depth's normed output
-        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # [embedding; hidden] order
+        x = linear(self.eh_proj, torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # [embedding; hidden] order
         return self.head_norm(self.block(x, cos, sin, attn))
 
 
