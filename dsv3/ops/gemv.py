@@ -14,7 +14,6 @@ tile run together, so the weight comes from HBM once and from L2 for the other r
   (docs/benchmarks.md, "Triton GEMVs ... removed"). With programmatic dependent launch (`tuning.pdl_meta`) a Triton
   kernel's launch overlaps the previous kernel's tail, which cuBLAS's launches here may not. Off unless DSV3_GEMV=1
   until measured on a GPU; off, `linear` is F.linear.
-
 - MLA's absorbed decode attention (`head_cols`, `head_rows`): the query through W_UK and the output through W_UV,
   per head, read in place from `kv_b_proj`'s weight. They are per-head matrix products of a few rows, which cuBLAS
   runs as batched GEMMs of ~3.5 us each on the 16b model (two per layer, 0.19 ms a token). W_UV's rows are
@@ -57,8 +56,11 @@ def applies(x: torch.Tensor) -> bool:
 
 def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear(x, weight)` runs the GEMV: DSV3_GEMV=1, `applies` to x's rows, a plain contiguous weight."""
-    return (PLAIN and applies(x.reshape(-1, x.shape[-1])) and weight.dtype in _DTYPES and weight.is_contiguous()
-            and not isinstance(weight, DTensor))
+    return PLAIN and applies(x.reshape(-1, x.shape[-1])) and _plain(weight)
+
+
+def _plain(weight: torch.Tensor) -> bool:
+    return weight.dtype in _DTYPES and weight.is_contiguous() and not isinstance(weight, DTensor)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,7 +128,7 @@ def head_cols_reference(x: torch.Tensor, w: torch.Tensor, first: int, stride: in
 
 def takes_heads(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `head_rows` / `head_cols` serve x [M, H, .] against w: DSV3_GEMV_HEADS=1 and as `takes`."""
-    return HEADS and applies(x[:, 0]) and w.dtype in _DTYPES and w.is_contiguous() and not isinstance(w, DTensor)
+    return HEADS and applies(x[:, 0]) and _plain(w)
 
 
 def head_rows(x: torch.Tensor, w: torch.Tensor, first: int, stride: int, n: int) -> torch.Tensor:
