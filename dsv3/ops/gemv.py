@@ -106,7 +106,7 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor | None, n:
 
 def _launch_rows(x, w, w_scale_inv, y, stride_x, x_head, k, kp, n, head_n, w_head) -> None:
     # y [M, N]: y[m, h * head_n + i] = x[m, h * x_head: +k] . w row (h * w_head + i), i < head_n
-    if head_n != n and head_n % min(c.kwargs["BLOCK_N"] for c in _CONFIGS):
+    if head_n != n and head_n % _SMALLEST_ROWS:
         raise ValueError(f"per-head gemv: {head_n} rows a head is not a multiple of the smallest tile")
     scales = w if w_scale_inv is None else w_scale_inv  # unread when unscaled
     _gemv_kernel[lambda meta: (y.shape[0], triton.cdiv(n, meta["BLOCK_N"]))](
@@ -253,6 +253,7 @@ if triton is not None:
         return [c for c in configs if args["HEAD_N"] == args["N"] or args["HEAD_N"] % c.kwargs["BLOCK_N"] == 0]
 
     _CONFIGS = gemv_configs("BLOCK_N", "BLOCK_K")
+    _SMALLEST_ROWS = min(c.kwargs["BLOCK_N"] for c in _CONFIGS)
     _gemv_kernel = autotuned(_CONFIGS, ["N", "K", "HEAD_N"], prune=_whole_heads)(_gemv_kernel)
     # (rows, columns, warps, stages): W_UK of the 16b model is 16 heads of [128, 512] bf16, 2 MB
     _COLS_CONFIGS = [triton.Config({"BLOCK_J": j, "BLOCK_C": c}, num_warps=w, num_stages=st)
