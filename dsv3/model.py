@@ -34,7 +34,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig, yarn_mscale
-from .ops import gemv, moe_decode
+from .ops import moe_decode
 from .ops.grouped import grouped_mm
 
 
@@ -129,16 +129,8 @@ def shared_linear(x: torch.Tensor, buffer: torch.Tensor | None, *layers: nn.Modu
     """[layer(x) for layer in layers], as one GEMM over `buffer` (share_weight's) when there is one and no
     gradient is wanted: the buffer is a copy autograd does not connect to the parameters."""
     if buffer is None or torch.is_grad_enabled():
-        return [linear(layer, x) for layer in layers]
-    return list(gemv.linear(x, buffer).split([layer.out_features for layer in layers], dim=-1))
-
-
-def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x); a plain nn.Linear's few decode rows through `gemv.linear` where that takes them (DSV3_GEMV=1).
-    Otherwise the module itself is called, so hooks on it (tensor parallelism's) and its subclasses (FP8) act."""
-    if type(layer) is nn.Linear and gemv.takes(x, layer.weight):
-        return gemv.linear(x, layer.weight, layer.bias)
-    return layer(x)
+        return [layer(x) for layer in layers]
+    return list(F.linear(x, buffer).split([layer.out_features for layer in layers], dim=-1))
 
 
 # ---- attention ---------------------------------------------------------------------------------------------------
@@ -178,7 +170,7 @@ class MLA(nn.Module):
         cfg = self.cfg
         q, kv = shared_linear(x, self.input_weight, self.q_input_proj, self.kv_a_proj_with_mqa)
         if cfg.q_lora_rank is not None:
-            q = linear(self.q_b_proj, self.q_a_layernorm(q))
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_pe = q.unflatten(-1, (self.n_heads, cfg.qk_head_dim)).split(
             [cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = kv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
@@ -222,7 +214,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = shared_linear(x, self.input_weight, self.gate_proj, self.up_proj)
-        return linear(self.down_proj, F.silu(gate) * up)
+        return self.down_proj(F.silu(gate) * up)
 
 
 @dataclass
@@ -253,7 +245,7 @@ class Gate(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, D] -> [N, E] fp32
         with torch.autocast(x.device.type, enabled=False):  # routing in fp32: near-ties decide experts
-            return gemv.linear(x.float(), self.weight)  # the weight read as stored (bf16 in a bf16 model)
+            return F.linear(x.float(), self.weight.float())
 
     def forward(self, x: torch.Tensor) -> Routing:
         # x: [N, D]
@@ -442,7 +434,7 @@ class MTPModule(nn.Module):
     def forward(self, emb: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         # emb: [B, T, D] embeddings of the tokens k ahead; h: [B, T, D] previous depth's normed output
-        x = linear(self.eh_proj, torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # [embedding; hidden] order
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # [embedding; hidden] order
         return self.head_norm(self.block(x, cos, sin, attn))
 
 

@@ -1,8 +1,7 @@
 """The decode GEMV (`ops.gemv`): its reference against the block-scaled weight expanded by hand, the kernel against
 the reference under Triton's interpreter (a subprocess, as Triton reads TRITON_INTERPRET when kernels are defined)
 and on a GPU, for FP8 block-scaled (W8A16), bf16 and fp32-row weights; `Fp8WeightLinear` taking it for few rows;
-and `linear`, which with DSV3_GEMV=1 puts a model's decode-time projections and router through it, giving a tiny
-model's logits as F.linear does."""
+and the per-head GEMVs of MLA's absorbed attention (DSV3_GEMV_HEADS=1) in the engine, eager and compiled."""
 
 import os
 
@@ -98,32 +97,9 @@ def test_fp8_linear_takes_the_gemv_for_few_rows_interpreted():
 
 
 @interpreted
-def test_model_projections_and_router_take_it_with_the_switch_interpreted(monkeypatch):
-    # A decode-sized forward of a tiny model (one token, no grad) with DSV3_GEMV=1: every plain projection the
-    # decode path calls through `model.linear`, the shared q/kv_a buffer and the router's fp32 logits run the
-    # kernel, and the logits are F.linear's up to summation order.
-    from dsv3.config import ModelConfig
-    from dsv3.model import build_model
-
-    model = build_model(ModelConfig.preset("tiny")).eval()
-    model.share_input_weights()
-    ids = torch.tensor([[5]])
-    with torch.no_grad():
-        want = model(ids)
-        calls = []
-        monkeypatch.setattr(gemv, "PLAIN", True)
-        monkeypatch.setattr(gemv, "_gemv", lambda *a, _run=gemv._gemv: calls.append(a[1].shape) or _run(*a))
-        got = model(ids)
-    attn, moe = model.layers[-1].self_attn, model.layers[-1].mlp
-    assert attn.input_weight.shape in calls  # the shared q_a / kv_a buffer
-    assert attn.q_b_proj.weight.shape in calls and moe.gate.weight.shape in calls  # a projection; the router
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
-@interpreted
 def test_engine_greedy_tokens_are_unchanged_by_the_switch_interpreted(monkeypatch):
-    # The engine's decode steps (one row each here, so every projection of the step is a GEMV) give the tokens
-    # F.linear gives, the attention's output projection included.
+    # The engine's decode steps (one row each here) with the absorbed attention's per-head products through the
+    # GEMVs give the tokens cuBLAS's batched products give.
     from dsv3.config import ModelConfig
     from dsv3.engine import Engine, SamplingParams
     from dsv3.model import build_model
@@ -131,13 +107,6 @@ def test_engine_greedy_tokens_are_unchanged_by_the_switch_interpreted(monkeypatc
     model = build_model(ModelConfig.preset("tiny")).eval()
     prompts, params = [[5, 9, 2, 7]], [SamplingParams(max_tokens=6, temperature=0.0)]
     want = [c.token_ids for c in Engine(model, max_batch_size=1).generate(prompts, params)]
-    calls = []
-    monkeypatch.setattr(gemv, "PLAIN", True)
-    monkeypatch.setattr(gemv, "_gemv", lambda *a, _run=gemv._gemv: calls.append(a[1].data_ptr()) or _run(*a))
-    got = [c.token_ids for c in Engine(model, max_batch_size=1).generate(prompts, params)]
-    assert got == want
-    assert model.layers[-1].self_attn.o_proj.weight.data_ptr() in calls
-    # and with the absorbed attention's per-head products through the GEMVs too
     heads = []
     monkeypatch.setattr(gemv, "HEADS", True)
     monkeypatch.setattr(gemv, "_head_cols", lambda *a, _run=gemv._head_cols: heads.append("W_UK") or _run(*a))
@@ -147,8 +116,8 @@ def test_engine_greedy_tokens_are_unchanged_by_the_switch_interpreted(monkeypatc
 
 
 @interpreted
-def test_compiled_decode_steps_trace_whole_with_the_switches_interpreted(monkeypatch):
-    # With both switches on, the compiled decode steps (as the 16b benchmark runs them) are still one graph per
+def test_compiled_decode_steps_trace_whole_with_the_switch_interpreted(monkeypatch):
+    # With the switch on, the compiled decode steps (as the 16b benchmark runs them) are still one graph per
     # function, the GEMVs inside as custom ops, and give the eager engine's tokens (bf16, as compiling needs).
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -160,7 +129,6 @@ def test_compiled_decode_steps_trace_whole_with_the_switches_interpreted(monkeyp
     prompts = [[5, 9, 2, 7, 1], [3, 8, 6]]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     want = [c.token_ids for c in Engine(model, max_batch_size=2, speculative=True).generate(prompts, params)]
-    monkeypatch.setattr(gemv, "PLAIN", True)
     monkeypatch.setattr(gemv, "HEADS", True)
     engine = Engine(model, max_batch_size=2, speculative=True, compile=True)
     counter = CompileCounterWithBackend("aot_eager")
@@ -192,18 +160,6 @@ def test_under_the_triton_interpreter():
 def test_kernel_matches_reference_on_the_gpu():
     _check("cuda")
     _check_heads("cuda")
-
-
-def test_linear_is_f_linear_without_the_switch(monkeypatch):
-    # Off (the default), or where it does not apply, `linear` is F.linear with the weight in x's dtype.
-    w, x = torch.randn(6, 5).bfloat16(), torch.randn(1, 5)
-    with torch.no_grad():
-        assert not gemv.takes(x, w)
-        torch.testing.assert_close(gemv.linear(x, w), torch.nn.functional.linear(x, w.float()))
-        monkeypatch.setattr(gemv, "PLAIN", True)
-        assert not gemv.takes(torch.randn(gemv.MAX_ROWS + 1, 5), w)  # too many rows
-        assert not gemv.takes(x, w.t())  # a strided weight
-    assert not gemv.takes(x, w)  # autograd on
 
 
 @pytest.mark.skipif(gemv.triton is None, reason="needs triton")

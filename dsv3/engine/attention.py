@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model import MLA, linear
+from ..model import MLA
 from ..ops import gemv
 from ..ops.mla_decode import mla_decode, mla_decode_triton
 
@@ -78,7 +78,7 @@ def mla_attention(mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         for row, n, start, seq in step.prefills:
             pages = step.tables[seq, : -(-(start + n) // kv.shape[1])]
             out[row:row + n] = expanded(mla, q_nope[row:row + n], q_pe[row:row + n], kv, pages, start)
-    return linear(mla.o_proj, out.flatten(1)).unsqueeze(0)
+    return mla.o_proj(out.flatten(1)).unsqueeze(0)
 
 
 def write_cache(kv: torch.Tensor, slots: torch.Tensor, latents: torch.Tensor) -> None:

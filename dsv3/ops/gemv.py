@@ -9,17 +9,17 @@ tile run together, so the weight comes from HBM once and from L2 for the other r
   as it is loaded, against bf16 activations (W8A16, as the fused expert kernels of `moe_decode` do). One launch
   where the FP8 GEMM path (`fp8_gemm.gemm`, as prefill uses it) spends one quantising the activations and runs a
   GEMM tiled for many rows. Always on where it applies.
-- bf16/fp16/fp32 weights (`linear`, which the model's decode-time projections and the router's fp32 logits call):
-  an alternative to cuBLAS's M = 1 GEMMs, which take ~6 us per small weight in a CUDA graph whoever runs them
-  (docs/benchmarks.md, "Triton GEMVs ... removed"). With programmatic dependent launch (`tuning.pdl_meta`) a Triton
-  kernel's launch overlaps the previous kernel's tail, which cuBLAS's launches here may not. Off unless DSV3_GEMV=1
-  until measured on a GPU; off, `linear` is F.linear.
 - MLA's absorbed decode attention (`head_cols`, `head_rows`): the query through W_UK and the output through W_UV,
   per head, read in place from `kv_b_proj`'s weight. They are per-head matrix products of a few rows, which cuBLAS
   runs as batched GEMMs of ~3.5 us each on the 16b model (two per layer, 0.19 ms a token). W_UV's rows are
   contiguous along the reduction, so the GEMV serves it, one head per program; W_UK reduces along its rows, so
   `head_cols` loads [rows, columns] tiles along its contiguous columns and sums down them. Off unless
-  DSV3_GEMV_HEADS=1, for the same reason.
+  DSV3_GEMV_HEADS=1 until a GPU run shows them faster than cuBLAS.
+
+The same kernel for the plain projections of a decode step (the shared q/kv_a buffer, q_b, o_proj, the dense
+MLP, the router's fp32 logits) in place of cuBLAS's M = 1 GEMMs was measured and removed: on the 16b model at
+batch 1 the decode step ran at 0.954x cuBLAS's tokens/s, launched with programmatic dependent launch
+(docs/benchmarks.md, session 14).
 
 Under torch.compile the kernels are the opaque custom ops `dsv3::gemv`, `dsv3::gemv_head_rows` and
 `dsv3::gemv_head_cols`.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from ..fp8 import BLOCK, dequantize_blocks
@@ -43,7 +42,6 @@ except ImportError:  # CPU-only installs: F.linear and the FP8 GEMM path (or its
     triton = None
 
 MAX_ROWS = 4  # rows up to which a decode step takes the GEMV: each more row re-reads the weight from L2
-PLAIN = os.environ.get("DSV3_GEMV", "0") == "1"  # plain (unscaled) weights through the GEMV too; see above
 HEADS = os.environ.get("DSV3_GEMV_HEADS", "0") == "1"  # MLA's absorbed per-head products too; see above
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -54,24 +52,8 @@ def applies(x: torch.Tensor) -> bool:
             and x.dtype in _DTYPES and not torch.is_grad_enabled() and not isinstance(x, DTensor))
 
 
-def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear(x, weight)` runs the GEMV: DSV3_GEMV=1, `applies` to x's rows, a plain contiguous weight."""
-    return PLAIN and applies(x.reshape(-1, x.shape[-1])) and _plain(weight)
-
-
 def _plain(weight: torch.Tensor) -> bool:
     return weight.dtype in _DTYPES and weight.is_contiguous() and not isinstance(weight, DTensor)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight in x's dtype, bias), through the GEMV where `takes` (x: [..., K], weight [N, K]): the
-    weight is read in its own dtype, the products summed in fp32, the result in x's dtype."""
-    if not takes(x, weight):
-        return F.linear(x, weight.to(x.dtype), bias)
-    y = gemv(x.reshape(-1, x.shape[-1]), weight, None, weight.shape[0])
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def gemv_reference(x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -127,7 +109,8 @@ def head_cols_reference(x: torch.Tensor, w: torch.Tensor, first: int, stride: in
 
 
 def takes_heads(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `head_rows` / `head_cols` serve x [M, H, .] against w: DSV3_GEMV_HEADS=1 and as `takes`."""
+    """Whether `head_rows` / `head_cols` serve x [M, H, .] against w: DSV3_GEMV_HEADS=1, `applies` to one head's
+    rows, and a plain contiguous weight."""
     return HEADS and applies(x[:, 0]) and _plain(w)
 
 
