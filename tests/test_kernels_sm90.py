@@ -80,7 +80,7 @@ def test_fp8_quantisation_kernels(pow2):
     fp8, tiles = "*fp8e4nv", {"start_ptr": "*i32", "end_ptr": "*i32"}
     block = fp8_gemm.BLOCK
     _compile(fp8_gemm._quant_act_kernel, {"x_ptr": "*bf16", "q_ptr": fp8, "s_ptr": "*fp32", "qt_ptr": fp8,
-                                          "st_ptr": "*fp32", **tiles}, dict(POW2=pow2, WITH_COLS=True, BLOCK=block),
+                                          "st_ptr": "*fp32", **tiles}, dict(POW2=pow2, WITH_COLS=True, BLOCK=block, BLOCK_C=16),
              num_warps=8)
     _compile(fp8_gemm._quant_weight_kernel, {"w_ptr": "*fp32", "q_ptr": fp8, "s_ptr": "*fp32"},
              dict(POW2=pow2, BLOCK=block), num_warps=8)

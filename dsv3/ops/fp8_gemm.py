@@ -343,7 +343,7 @@ def quantize_act(x: torch.Tensor, tiles: RowTiles, pow2: bool = False, with_cols
     st = torch.empty((tiles.count, kp), dtype=torch.float32, device=x.device) if with_cols else None
     _quant_act_kernel[(tiles.count, kp // BLOCK)](
         x, q, s, qt if with_cols else q, st if with_cols else s, tiles.start, tiles.end, m, k, x.stride(0), kp,
-        tiles.count * BLOCK, POW2=pow2, WITH_COLS=with_cols, BLOCK=BLOCK, num_warps=8)
+        tiles.count * BLOCK, POW2=pow2, WITH_COLS=with_cols, BLOCK=BLOCK, BLOCK_C=16, num_warps=8)  # 108 registers
     return ActFp8(q, s, qt, st)
 
 
