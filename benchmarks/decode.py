@@ -30,7 +30,6 @@ from benchmarks.common import save_results, sync
 from dsv3.engine import Engine, SamplingParams
 from dsv3.info import model_stats
 from dsv3.model import Gate, Rotary, Transformer, cast_model
-from dsv3.ops import gemv
 from dsv3.tokenizer import Tokenizer
 
 PROMPTS = [  # for checkpoints with a tokenizer (the speculative run); random ids otherwise
@@ -125,11 +124,6 @@ def engine_for(model, args, batch: int, prompt_len: int, speculative: bool = Fal
                   cuda_graphs=not args.no_graphs, decode_kernel=args.kernel, compile=args.compile)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many greedy tokens two runs share before they first differ (bf16 paths drift apart eventually)."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
     cfg = dsv3.ModelConfig.preset(args.preset)
     model = random_model(cfg, device, dtype)
@@ -151,13 +145,6 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
         return runs
 
     ours = timed(model)
-    gemv_rows = {}
-    if args.gemv:  # the same model with MLA's absorbed per-head products through the Triton GEMVs (DSV3_GEMV_HEADS=1)
-        try:
-            gemv.HEADS = True
-            gemv_rows["gemv_heads"] = timed(model)
-        finally:
-            gemv.HEADS = False
     fp8 = {}
     if args.fp8_weights:
         with tempfile.TemporaryDirectory() as tmp:
@@ -185,14 +172,6 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
                "dsv3_decode_tokens_per_s_range": ours[b]["decode_tokens_per_s_range"]}
         if b == 1:
             row["hbm_roofline_fraction"] = ours[b]["decode_tokens_per_s"] * bytes_per_token / bandwidth
-        for name, runs in gemv_rows.items():
-            rate = runs[b]["decode_tokens_per_s"]
-            row[f"dsv3_{name}_decode_tokens_per_s"] = rate
-            row[f"dsv3_{name}_decode_tokens_per_s_range"] = runs[b]["decode_tokens_per_s_range"]
-            row[f"{name}_vs_cublas"] = rate / ours[b]["decode_tokens_per_s"]
-            row[f"{name}_common_prefix"] = common_prefix(ours[b]["tokens"][0], runs[b]["tokens"][0])
-            if b == 1:
-                row[f"{name}_hbm_roofline_fraction"] = rate * bytes_per_token / bandwidth
         if b in fp8:
             row["dsv3_fp8_tokens_per_s"] = fp8[b]["tokens_per_s"]
             row["dsv3_fp8_decode_tokens_per_s"] = fp8[b]["decode_tokens_per_s"]
@@ -206,7 +185,8 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
             row[f"hf_{impl}_tokens_per_s"] = theirs["tokens_per_s"]
             row[f"speedup_vs_hf_{impl}"] = ours[b]["tokens_per_s"] / theirs["tokens_per_s"]
             # bf16 greedy paths drift apart eventually; the length of the common prefix shows they start alike
-            row[f"common_prefix_with_hf_{impl}"] = common_prefix(ours[b]["tokens"][0], theirs["tokens"][0])
+            a, t = ours[b]["tokens"][0], theirs["tokens"][0]
+            row[f"common_prefix_with_hf_{impl}"] = next((i for i, (x, y) in enumerate(zip(a, t)) if x != y), len(a))
         results["runs"].append(row)
         print(row, flush=True)
     return results
@@ -261,15 +241,11 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile each decode bucket's step")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (the roofline alone)")
     p.add_argument("--fp8-weights", action="store_true", help="also time the weights served from an FP8 checkpoint")
-    p.add_argument("--gemv", action="store_true",
-                   help="also time MLA's absorbed per-head products through the Triton GEMVs (dsv3.ops.gemv, "
-                        "DSV3_GEMV_HEADS=1) instead of cuBLAS's batched GEMMs")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA GPU")
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
-    suffix = "".join(name for name, on in [("_compiled", args.compile), ("_fp8", args.fp8_weights),
-                                           ("_gemv", args.gemv)] if on)
+    suffix = ("_compiled" if args.compile else "") + ("_fp8" if args.fp8_weights else "")
     if args.speculative:
         if not args.model:
             raise SystemExit("--speculative needs --model DIR, a checkpoint trained with MTP")

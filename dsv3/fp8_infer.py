@@ -12,7 +12,7 @@ same GEMM (one group per expert, the rows sorted by `Experts.forward`'s dispatch
 through the fused expert kernels, which scale each FP8 weight by its block's scale as they read it. That halves
 the memory of the part of the model that dominates it (the experts are ~95% of DeepSeek-V3's weights) and the
 bytes a decode step reads from it. Activations are quantised per token for the GEMMs, not for the decode kernels
-(bf16 activations times FP8 weights there); at up to `gemv.MAX_ROWS` rows the linear layers too take such a
+(bf16 activations times FP8 weights there); at up to `fp8_gemv.MAX_ROWS` rows the linear layers too take such a
 kernel, a block-scaled W8A16 GEMV, instead of quantising a few rows for a GEMM. Where the FP8 kernels cannot run,
 the same numerics are emulated (quantise, dequantise, matmul), which the CPU tests use; the default there is to
 dequantise at load instead.
@@ -29,7 +29,7 @@ from torch import nn
 from .fp8 import BLOCK, FP8
 from .model import Experts
 from .ops import fp8_gemm as ops
-from .ops import gemv, moe_decode
+from .ops import fp8_gemv, moe_decode
 
 
 class Fp8WeightLinear(nn.Module):
@@ -49,8 +49,8 @@ class Fp8WeightLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N] in x's dtype (the autocast dtype under autocast)
         rows = x.reshape(-1, self.in_features)
-        if not self.emulate and gemv.applies(rows):  # decode batch sizes: one W8A16 GEMV launch
-            y = gemv.gemv(rows, self.weight, self.weight_scale_inv, self.out_features)
+        if not self.emulate and fp8_gemv.applies(rows):  # decode batch sizes: one W8A16 GEMV launch
+            y = fp8_gemv.fp8_gemv(rows, self.weight, self.weight_scale_inv, self.out_features)
         else:
             tiles = ops.row_tiles(rows.shape[0], device=x.device)
             y = _fp8_product(rows, self.weight[None], self.weight_scale_inv[None], tiles, self.out_features,

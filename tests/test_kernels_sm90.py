@@ -6,7 +6,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from dsv3.ops import adamw, cross_entropy, fp8_gemm, gemv, mla_decode, moe_decode  # noqa: E402
+from dsv3.ops import adamw, cross_entropy, fp8_gemm, fp8_gemv, mla_decode, moe_decode  # noqa: E402
 from dsv3.ops.tuning import GEMV_TILES, INTERPRET, pdl_meta  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="under the interpreter the kernels are not compiled")
@@ -80,7 +80,7 @@ def test_fp8_quantisation_kernels(pow2):
     fp8, tiles = "*fp8e4nv", {"start_ptr": "*i32", "end_ptr": "*i32"}
     block = fp8_gemm.BLOCK
     _compile(fp8_gemm._quant_act_kernel, {"x_ptr": "*bf16", "q_ptr": fp8, "s_ptr": "*fp32", "qt_ptr": fp8,
-                                          "st_ptr": "*fp32", **tiles}, dict(POW2=pow2, WITH_COLS=True, BLOCK=block, BLOCK_C=16),
+                                          "st_ptr": "*fp32", **tiles}, dict(POW2=pow2, WITH_COLS=True, BLOCK=block),
              num_warps=8)
     _compile(fp8_gemm._quant_weight_kernel, {"w_ptr": "*fp32", "q_ptr": fp8, "s_ptr": "*fp32"},
              dict(POW2=pow2, BLOCK=block), num_warps=8)
@@ -111,18 +111,8 @@ def test_adamw_kernel(moment):
              dict(BLOCK=adamw.BLOCK))
 
 
-# The FP8 checkpoints' W8A16 form, bf16 weights, and the router's fp32 rows against its bf16 weight.
-@pytest.mark.parametrize("x,w,scaled", [("*bf16", "*fp8e4nv", True), ("*bf16", "*bf16", False),
-                                        ("*fp32", "*bf16", False)])
 @pytest.mark.parametrize("tile,pdl", GEMV_CASES)
-def test_gemv_kernel(tile, pdl, x, w, scaled):
+def test_fp8_gemv_kernel(tile, pdl):
     rows, cols, warps, stages = tile
-    _compile(gemv._gemv_kernel, {"X": x, "W": w, "WS": "*fp32" if scaled else w, "Y": x},
-             dict(SCALED=scaled, BLOCK_N=rows, BLOCK_K=cols, PDL=pdl), warps, stages)
-
-
-@pytest.mark.parametrize("config", gemv._COLS_CONFIGS, ids=str)
-@pytest.mark.parametrize("pdl", [False, True])
-def test_gemv_head_cols_kernel(config, pdl):
-    _compile(gemv._head_cols_kernel, {"X": "*bf16", "W": "*bf16", "Y": "*bf16"},
-             dict(**config.kwargs, PDL=pdl), config.num_warps, config.num_stages)
+    _compile(fp8_gemv._fp8_gemv_kernel, {"X": "*bf16", "W": "*fp8e4nv", "WS": "*fp32", "Y": "*bf16"},
+             dict(BLOCK_N=rows, BLOCK_K=cols, PDL=pdl), warps, stages)

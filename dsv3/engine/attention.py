@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from ..model import MLA
-from ..ops import gemv
 from ..ops.mla_decode import mla_decode, mla_decode_triton
 
 # columns of Step.rows
@@ -115,23 +114,15 @@ def absorbed(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tenso
     # q_nope: [M, H, nope], q_pe: [M, H, rope] for the first M rows -> [M, H, v]
     cfg = mla.cfg
     m = q_nope.shape[0]
-    weight = mla.kv_b_proj.weight  # [H * (nope + v), C]: per head nope rows of W_UK, then v rows of W_UV
-    stride = cfg.qk_nope_head_dim + cfg.v_head_dim
-    w = weight.view(mla.n_heads, stride, cfg.kv_lora_rank)
+    w = mla.kv_b_proj.weight.view(mla.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
     w_uk, w_uv = w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]  # [H, nope, C], [H, v, C]
-    heads_gemv = gemv.takes_heads(q_nope, weight)  # DSV3_GEMV_HEADS=1: Triton per-head GEMVs for the two products
-    if heads_gemv:
-        q_lat = gemv.head_cols(q_nope, weight, 0, stride)
-    else:
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [M, H, C]
+    q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [M, H, C]
     rows = step.rows[:m]
     args = (q_lat, q_pe, kv, step.tables, rows[:, SEQ], rows[:, LEN], mla.softmax_scale)
     if step.use_triton and torch.compiler.is_compiling():
         o_lat = torch.ops.dsv3.mla_decode_triton(*args)  # [M, H, C]
     else:
         o_lat = mla_decode(*args, step.use_triton)
-    if heads_gemv:
-        return gemv.head_rows(o_lat, weight, cfg.qk_nope_head_dim, stride, cfg.v_head_dim)
     return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [M, H, v]
 
 

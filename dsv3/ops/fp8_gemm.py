@@ -197,40 +197,29 @@ if triton is not None:
 
     @triton.jit
     def _quant_act_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, start_ptr, end_ptr, m, k, stride_xm, k_pad, t_rows,
-                          POW2: tl.constexpr, WITH_COLS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-        # One program per (row tile, 128 channels), quantised both ways. The 128x128 block is walked in slices of
-        # BLOCK_C channels: held whole in fp32 it took all 255 registers a thread has and spilled (1 block an SM).
-        # A slice holds every row of its channels, so its 128x1 tiles are done in the first pass, which also
-        # gathers each token's amax; the second pass re-reads the slices (from L2) to write the 1x128 tiles.
+                          POW2: tl.constexpr, WITH_COLS: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per (row tile, 128 channels): a 128x128 block read once, quantised both ways.
         tile = tl.program_id(0)
         kb = tl.program_id(1)
         r0 = tl.load(start_ptr + tile)
         r1 = tl.load(end_ptr + tile)
         i = tl.arange(0, BLOCK)
         rows = (r0 + i).to(tl.int64)
+        cols = kb * BLOCK + i
         in_rows = rows < r1
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
-        for c0 in tl.static_range(0, BLOCK, BLOCK_C):
-            cols = kb * BLOCK + c0 + tl.arange(0, BLOCK_C)
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
-                        mask=in_rows[:, None] & (cols[None, :] < k), other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-            if WITH_COLS:
-                scale_c = _scale(tl.max(tl.abs(x), axis=0), POW2)  # per channel: 128x1 tiles
-                qc = tl.clamp(tl.div_rn(x, scale_c[None, :]), -_FP8_MAX, _FP8_MAX)
-                # Rows past the tile's end were loaded as zeros: they pad the token tile to 128 in the transpose.
-                tl.store(qt_ptr + cols[:, None].to(tl.int64) * t_rows + (tile * BLOCK + i)[None, :],
-                         tl.trans(qc).to(qt_ptr.dtype.element_ty))
-                tl.store(st_ptr + tile * k_pad + cols, scale_c)
-        scale = _scale(amax, POW2)  # per token: 1x128 tiles
-        for c0 in tl.static_range(0, BLOCK, BLOCK_C):
-            cols = kb * BLOCK + c0 + tl.arange(0, BLOCK_C)
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
-                        mask=in_rows[:, None] & (cols[None, :] < k), other=0.0).to(tl.float32)
-            q = tl.clamp(tl.div_rn(x, scale[:, None]), -_FP8_MAX, _FP8_MAX)
-            tl.store(q_ptr + rows[:, None] * k_pad + cols[None, :], q.to(q_ptr.dtype.element_ty),
-                     mask=in_rows[:, None])
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
+                    mask=in_rows[:, None] & (cols[None, :] < k), other=0.0).to(tl.float32)
+        scale = _scale(tl.max(tl.abs(x), axis=1), POW2)  # per token: 1x128 tiles
+        q = tl.clamp(tl.div_rn(x, scale[:, None]), -_FP8_MAX, _FP8_MAX)
+        tl.store(q_ptr + rows[:, None] * k_pad + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=in_rows[:, None])
         tl.store(s_ptr + kb * m + rows, scale, mask=in_rows)
+        if WITH_COLS:
+            scale_c = _scale(tl.max(tl.abs(x), axis=0), POW2)  # per channel: 128x1 tiles
+            qc = tl.clamp(tl.div_rn(x, scale_c[None, :]), -_FP8_MAX, _FP8_MAX)
+            # Rows past the tile's end were loaded as zeros: they pad the token tile to 128 in the transpose.
+            tl.store(qt_ptr + cols[:, None].to(tl.int64) * t_rows + (tile * BLOCK + i)[None, :],
+                     tl.trans(qc).to(qt_ptr.dtype.element_ty))
+            tl.store(st_ptr + tile * k_pad + cols, scale_c)
 
     @triton.jit
     def _quant_weight_kernel(w_ptr, q_ptr, s_ptr, n, k, n_pad, k_pad, stride_wg, stride_wn, stride_wk,
@@ -343,7 +332,7 @@ def quantize_act(x: torch.Tensor, tiles: RowTiles, pow2: bool = False, with_cols
     st = torch.empty((tiles.count, kp), dtype=torch.float32, device=x.device) if with_cols else None
     _quant_act_kernel[(tiles.count, kp // BLOCK)](
         x, q, s, qt if with_cols else q, st if with_cols else s, tiles.start, tiles.end, m, k, x.stride(0), kp,
-        tiles.count * BLOCK, POW2=pow2, WITH_COLS=with_cols, BLOCK=BLOCK, BLOCK_C=16, num_warps=8)  # 108 registers
+        tiles.count * BLOCK, POW2=pow2, WITH_COLS=with_cols, BLOCK=BLOCK, num_warps=8)
     return ActFp8(q, s, qt, st)
 
 

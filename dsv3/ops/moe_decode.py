@@ -491,7 +491,7 @@ if triton is not None:
     def scaled_rows_dot(h_row, w_rows, s_rows, rmask, I, SCALED: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_I: tl.constexpr):
         # w . h for BLOCK_D rows given as row-start pointers [BLOCK_D, 1]; SCALED as in _gate_up_rows. Also the
-        # row loop of the dense GEMV (`ops.gemv`).
+        # row loop of the dense FP8 GEMV (`ops.fp8_gemv`).
         acc = tl.zeros([BLOCK_D, BLOCK_I], dtype=tl.float32)
         for i0 in range(0, I, BLOCK_I):
             cols = i0 + tl.arange(0, BLOCK_I)

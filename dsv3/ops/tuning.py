@@ -61,14 +61,12 @@ def pdl_meta(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
 
 
-def autotuned(configs: list, key: list[str], prune=None):
-    """triton.autotune(configs, key) on a GPU, `prune(configs, args)` dropping the configurations a launch cannot
-    take; under the interpreter the kernel as it is."""
+def autotuned(configs: list, key: list[str]):
+    """triton.autotune(configs, key) on a GPU; under the interpreter the kernel as it is."""
     def wrap(kernel):
         if INTERPRET:
             return kernel
-        by = {"early_config_prune": lambda configs, args, **kw: prune(configs, args)} if prune else None
-        return triton.autotune(configs, key=key, prune_configs_by=by)(kernel)
+        return triton.autotune(configs, key=key)(kernel)
 
     return wrap
 
@@ -80,7 +78,7 @@ def fixed_meta(configs: list) -> dict:
 
 # GEMV tiles (rows, reduction width, warps, stages) for Hopper bandwidth (H200, 132 SMs): a weight tile of 4-8K
 # elements per loop step (8 bf16 per 16-byte load and thread), a few hundred programs at T = 1 for the 16b shapes
-# (D 2048, I 1408). The decode kernels (`moe_decode`, `gemv`) choose among them; on the H200 the expert kernels
+# (D 2048, I 1408). The decode kernels (`moe_decode`, `fp8_gemv`) choose among them; on the H200 the expert kernels
 # took (4, 1024, 4, 3) for gate/up and (16, 128, 4, 6) for down at T = 1 (2026-11-29).
 GEMV_TILES = [(16, 256, 4, 3), (8, 512, 4, 3), (32, 256, 8, 3), (16, 512, 8, 2), (32, 128, 4, 4), (4, 1024, 4, 3),
               (8, 256, 2, 4), (64, 128, 8, 4), (32, 512, 8, 3), (8, 1024, 8, 2), (16, 128, 4, 6)]
