@@ -2,6 +2,7 @@
 
     python -m benchmarks.decode_kernels --preset 1b --batch 1                # eager census (CPU or CUDA)
     python -m benchmarks.decode_kernels --preset 1b --batch 1 --compile      # and the torch.compile'd step
+    python -m benchmarks.decode_kernels --preset 16b --compile --trace       # and its CUDA graph's kernel timeline
 
 The step is the function the engine's CUDA graph captures for a bucket of `batch` decode rows: the two input copies,
 the main forward over the paged cache at `--context` cached tokens, the head and the expert load. It is counted
@@ -13,6 +14,11 @@ three ways:
   (fused kernels it generated, extern GEMMs, aten fallbacks, custom ops such as the Triton MLA decode).
 - device kernels (CUDA only): what the profiler sees on the GPU for one step, eager and compiled, with their summed
   device time (what a graph replay of the step costs without launch gaps) and the kernels that take most of it.
+- graph timeline (--trace, CUDA only): the step captured in a CUDA graph as the engine runs it, one replay under
+  the profiler: every kernel in launch order with its start and duration, the replay's span (first start to last
+  end: the step's real device time) against the summed kernel time, and the idle gaps between kernels. Kernels
+  launched with programmatic dependent launch overlap their predecessor's tail, so their durations sum to more
+  than the span they cover.
 Weights are random (drawn on the device); the counts do not depend on them, nor on the context length.
 """
 
@@ -20,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import time
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -131,12 +139,40 @@ def compiled_calls(code: str) -> dict:
     return {"kernel_calls": sum(kinds.values()), "by_kind": dict(kinds.most_common())}
 
 
+def graph_timeline(graphs: DecodeGraphs, host: HostRows, device: torch.device) -> dict:
+    """One profiled replay of the step's CUDA graph: its kernels in order, (name, start, duration) in us."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        for _ in range(3):  # capture, then warm replays
+            graphs.main(host)
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graphs.main(host)
+        torch.cuda.synchronize(device)
+    events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA and "Memcpy" not in e.name),
+                    key=lambda e: e.time_range.start)
+    t0 = events[0].time_range.start
+    end = max(e.time_range.end for e in events)
+    gaps, reach = 0.0, t0
+    for e in events:  # idle time: stretches no kernel covers
+        gaps += max(0.0, e.time_range.start - reach)
+        reach = max(reach, e.time_range.end)
+    return {"kernels": len(events), "span_us": end - t0,
+            "kernel_sum_us": sum(e.time_range.elapsed_us() for e in events), "idle_us": gaps,
+            "timeline": [(e.name[:70], round(e.time_range.start - t0, 2), round(e.time_range.elapsed_us(), 2))
+                         for e in events]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="1b", help="a random model of this preset (1b)")
     p.add_argument("--batch", type=int, default=1, help="decode rows in the step (1)")
     p.add_argument("--context", type=int, default=128, help="cached tokens per sequence (128)")
     p.add_argument("--compile", action="store_true", help="also count the torch.compile'd step")
+    p.add_argument("--trace", action="store_true",
+                   help="CUDA: also the kernel timeline of one replay of the step's CUDA graph")
     p.add_argument("--device", default=None, help="cuda or cpu (cuda when available)")
     p.add_argument("--layers", type=int, default=None,
                    help="keep this many layers (a 16b census on a CPU's memory: the counts are per layer)")
@@ -165,11 +201,18 @@ def main() -> None:
         t0 = time.perf_counter()
         with torch.no_grad():
             _, codes = run_and_get_code(compiled.main, host)
-        results["compiled"] = {"compile_seconds": time.perf_counter() - t0,
-                               **compiled_calls(next(c for c in codes if "def call(self, args)" in c))}
+        wrapper = next(c for c in codes if "def call(self, args)" in c)
+        results["compiled"] = {"compile_seconds": time.perf_counter() - t0, **compiled_calls(wrapper)}
+        if args.trace:  # the generated code beside the timeline, to map its kernels to the model's ops
+            out = Path(os.environ.get("OUT") or "runs/benchmarks")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"decode_step_{args.preset}_b{args.batch}_inductor.py").write_text(wrapper)
         if device.type == "cuda":
             with torch.no_grad():
                 results["compiled"]["device"] = kernel_profile(lambda: compiled.main(host), device)
+    if args.trace and device.type == "cuda":
+        graphs = DecodeGraphs(engine.runner, args.batch, width, capture=True, compile=args.compile)
+        results["graph_timeline"] = graph_timeline(graphs, host, device)
     save_results(f"decode_kernels_{args.preset}_b{args.batch}", results)
 
 

@@ -47,15 +47,23 @@ def test_mla_decode_kernels(pdl):
              dict(C=512, BLOCK_S=mla_decode.MERGE_S, BLOCK_C=mla_decode.MERGE_C, PDL=pdl))
 
 
-@pytest.mark.parametrize("select_only,pdl", [(False, False), (True, False), (False, True)])
-def test_route_kernel(select_only, pdl):
-    sig = {"X": "*fp32", "BIAS": "*fp32", "WEIGHTS": "*fp32", "INDICES": "*i64", "SCORES": "*fp32", "COUNTS": "*i64",
-           "T": "i32", "scale": "fp32"}
+@pytest.mark.parametrize("pdl", [False, True])
+def test_select_kernel(pdl):
+    sig = {"X": "*fp32", "BIAS": "*fp32", "INDICES": "*i64", "COUNTS": "*i64"}
     # DeepSeek-V3's routing: 256 experts in 8 groups, top-4 groups, top-8 experts
-    _compile(moe_decode._route_kernel, sig,
+    _compile(moe_decode._select_kernel, sig,
+             dict(E=256, G=8, PG=32, K=8, TOPK_GROUP=4, HAS_BIAS=True, GROUP_TOP2=True, ATOMIC_COUNTS=True, BLOCK_T=1,
+                  BLOCK_G=8, BLOCK_PG=32, BLOCK_K=8, PDL=pdl), num_warps=1)
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gate_route_kernel(pdl):
+    sig = {"X": "*bf16", "W": "*fp32", "LOGITS": "*fp32", "ARRIVED": "*i32", "BIAS": "*fp32", "WEIGHTS": "*fp32",
+           "INDICES": "*i64", "SCORES": "*fp32", "COUNTS": "*i64", "scale": "fp32"}
+    # DeepSeek-V3's routing at batch 1, hidden 7168 (as gate_route_triton launches it)
+    _compile(moe_decode._gate_route_kernel, sig,
              dict(E=256, G=8, PG=32, K=8, TOPK_GROUP=4, HAS_BIAS=True, SOFTMAX=False, GROUP_TOP2=True, NORM=True,
-                  SELECT_ONLY=select_only, ATOMIC_COUNTS=True, BLOCK_T=1, BLOCK_G=8, BLOCK_PG=32, BLOCK_K=8, PDL=pdl),
-             num_warps=1)
+                  BLOCK_E=2, BLOCK_D=2048, BLOCK_T=1, BLOCK_G=8, BLOCK_PG=32, BLOCK_K=8, PDL=pdl), num_warps=1)
 
 
 # Every tile as launched by default; programmatic dependent launch (DSV3_PDL=1) with the first.

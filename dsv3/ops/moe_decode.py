@@ -3,17 +3,20 @@ PyTorch reference. The routing kernel also makes the expert choice of training b
 
 A decode step hands each MoE layer a handful of tokens. The general path (`Gate.forward`, then `Experts.forward`'s
 sort and grouped GEMM) then costs ~15 small routing kernels and two CUTLASS grouped GEMMs running well below HBM
-bandwidth, and the shared experts' MLP a few more launches. Here the layer is three launches and a sum after the
-gate's fp32 GEMV:
+bandwidth, and the shared experts' MLP a few more launches. Here the layer is three launches and a sum:
 
-- `route`: the fp32 gate logits [T, E] through all of `Gate.forward`: sigmoid or softmax scores, the correction
-  bias (for choosing only), group scores (sum of the top two for noaux_tc, the max for group_limited_greedy), the
-  `topk_group` best groups, the top-k experts inside them, their weights (normalised, scaled) and the tokens per
-  expert. Each top-k is k rounds of argmax, ties going to the lower index. A program per block of tokens (a tile of
-  at most 4096 scores): decode batches are one program, which stores its counts (no atomics, no zeroed buffer);
-  more programs add theirs into a zeroed buffer with integer atomics, whose sum does not depend on their order.
-- `select`, the same kernel for training batches (and prefill): from scores the caller computed (with autograd),
-  only the choice, i.e. indices and counts. `Gate.forward` then gathers the weights in PyTorch, so gradients are
+- `gate_route`: the gate's fp32 logits x @ W^T [T, E] and all of `Gate.forward` after them: sigmoid or softmax
+  scores, the correction bias (for choosing only), group scores (sum of the top two for noaux_tc, the max for
+  group_limited_greedy), the `topk_group` best groups, the top-k experts inside them, their weights (normalised,
+  scaled) and the tokens per expert. Each top-k is k rounds of argmax, ties going to the lower index. One launch:
+  a program per two experts computes their logits for every token (32 programs read the 16b gate's 512 KB), and
+  the program that arrives last (an atomic counter, which it resets) routes all the tokens from them, a tile of at
+  most 4096 scores. At batch 1 on the 16b preset this took the router from three launches (cuBLAS's fp32 GEMV is
+  two) to one: +4.4% and +5.5% decode tokens/s, two GPUs (docs/benchmarks.md).
+- `select`, the routing kernel for training batches (and prefill): from scores the caller computed (with
+  autograd), only the choice, i.e. indices and counts. A program per block of tokens (a tile of at most 4096
+  scores); more than one program add their counts into a zeroed buffer with integer atomics, whose sum does not
+  depend on their order. `Gate.forward` then gathers the weights in PyTorch, so gradients are
   those of the plain path, and the choice is made on the very same fp32 scores, so it is the plain path's too
   (up to exact ties, which go to the lower index here). It replaces three torch.topk calls, the group mask and
   `Experts.forward`'s scatter_add counts with one launch, and writes no scores or weights.
@@ -32,12 +35,12 @@ gate's fp32 GEMV:
 - A GEMV re-reads an expert once per token that chose it, so the fused path pays off while T * K <= E (`fits`);
   above that the grouped GEMM reads each expert once for all its tokens.
 - Graph-safe: shapes are static, nothing syncs with the host. Under torch.compile the kernels are the opaque custom
-  ops `dsv3::moe_route`, `dsv3::moe_select` and `dsv3::moe_experts` (the compiler sees declared output shapes, not
-  a launch).
+  ops `dsv3::moe_gate_route`, `dsv3::moe_select` and `dsv3::moe_experts` (the compiler sees declared output
+  shapes, not a launch).
 - Tile sizes of the expert kernels are autotuned per shape and pair count among a few configurations chosen for
   Hopper bandwidth (a few hundred programs, 16-byte loads); the first call of each shape benchmarks them, so warm
   up before capturing a graph. Under the Triton interpreter the first configuration runs.
-- `route_reference`, `select_reference` and `experts_reference` state the same computations in plain PyTorch (argmax
+- `gate_route_reference` (`route_reference` of the logits), `select_reference` and `experts_reference` state the same computations in plain PyTorch (argmax
   rounds, gathered weights, the shared MLP as one matmul); the tests hold them against the model's Gate and MoE, and
   the kernels against them.
 """
@@ -131,6 +134,12 @@ def route_reference(logits: torch.Tensor, bias: torch.Tensor | None, spec: Route
     return weights * spec.scale, indices, scores, counts
 
 
+def gate_route_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # x: [T, D], weight: [E, D] (the gate's, fp32) -> as route_reference, from the fp32 logits x @ weight^T
+    return route_reference(x.float() @ weight.float().T, bias, spec)
+
+
 # The shared experts' MLP weights, nn.Linear layout: gate_proj [S, D], up_proj [S, D], down_proj [D, S], where
 # S = n_shared * I (n_shared always-on experts side by side).
 SharedWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -178,47 +187,71 @@ def experts_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: to
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------------
-def _route_launch(x: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec, select_only: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # x: the logits [T, E], or with select_only the scores; the latter writes only indices and counts.
+def select_triton(scores: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     if triton is None:
         raise RuntimeError("the fused routing kernel needs the triton package")
-    x = x.float().contiguous()  # no-ops on what the gate hands over
-    t, e = x.shape
-    indices = x.new_empty(t, spec.top_k, dtype=torch.int64)
-    # select_only never writes weights or scores: x stands in for their pointers.
-    weights = x if select_only else x.new_empty(t, spec.top_k)
-    scores = x if select_only else torch.empty_like(x)
+    scores = scores.float().contiguous()  # no-ops on what the gate hands over
+    t, e = scores.shape
+    indices = scores.new_empty(t, spec.top_k, dtype=torch.int64)
     per_group = e // spec.n_group
     block_g, block_pg = triton.next_power_of_2(spec.n_group), triton.next_power_of_2(per_group)
     # Tokens per program: a [BLOCK_T, BLOCK_G, BLOCK_PG] tile of at most 4096 scores (the small preset's 64 experts:
-    # 64 tokens, 512 programs at 32K tokens; a decode batch: one program).
+    # 64 tokens, 512 programs at 32K tokens).
     block_t = min(triton.next_power_of_2(max(t, 1)), max(1, 4096 // (block_g * block_pg)))
     programs = triton.cdiv(max(t, 1), block_t)  # T = 0 still runs one program, to store zero counts
     # One program stores its counts; several add theirs to zeros (a memset: no host sync, fine in a CUDA graph).
-    counts = x.new_zeros(e, dtype=torch.int64) if programs > 1 else x.new_empty(e, dtype=torch.int64)
+    counts = scores.new_zeros(e, dtype=torch.int64) if programs > 1 else scores.new_empty(e, dtype=torch.int64)
     tile = block_t * block_g * block_pg
-    _route_kernel[(programs,)](
-        x, bias.float() if bias is not None else x, weights, indices, scores, counts, t, spec.scale,
+    _select_kernel[(programs,)](
+        scores, bias.float() if bias is not None else scores, indices, counts, t,
         E=e, G=spec.n_group, PG=per_group, K=spec.top_k, TOPK_GROUP=spec.topk_group, HAS_BIAS=bias is not None,
-        SOFTMAX=spec.softmax, GROUP_TOP2=spec.group_top2, NORM=spec.norm, SELECT_ONLY=select_only,
-        ATOMIC_COUNTS=programs > 1, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_PG=block_pg,
-        BLOCK_K=triton.next_power_of_2(spec.top_k),
+        GROUP_TOP2=spec.group_top2, ATOMIC_COUNTS=programs > 1, BLOCK_T=block_t, BLOCK_G=block_g,
+        BLOCK_PG=block_pg, BLOCK_K=triton.next_power_of_2(spec.top_k),
         # A small tile reduces inside one warp (shuffles only, no shared-memory round trips).
-        num_warps=1 if tile <= 256 else 4 if tile <= 2048 else 8, **pdl_meta(x.device),
+        num_warps=1 if tile <= 256 else 4 if tile <= 2048 else 8, **pdl_meta(scores.device),
+    )
+    return indices, counts
+
+
+_ARRIVED: dict[torch.device, torch.Tensor] = {}  # gate_route_triton's arrival counter, per device
+
+
+def gate_route_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate's logits and the routing in one launch, for decode batches (the routing runs in one program)."""
+    if triton is None:
+        raise RuntimeError("the fused routing kernel needs the triton package")
+    t, d = x.shape
+    e = weight.shape[0]
+    per_group = e // spec.n_group
+    block_g, block_pg = triton.next_power_of_2(spec.n_group), triton.next_power_of_2(per_group)
+    block_t = triton.next_power_of_2(max(t, 1))
+    if block_t * block_g * block_pg > 4096:
+        raise ValueError(f"gate_route routes at most {4096 // (block_g * block_pg)} tokens at once, got {t}")
+    if not weight.is_contiguous() or x.stride(-1) != 1:
+        raise ValueError("gate_route wants a contiguous gate weight and contiguous rows of x")
+    arrived = _ARRIVED.get(x.device)
+    if arrived is None:  # zero once; each launch's last program sets it back to zero
+        arrived = _ARRIVED[x.device] = torch.zeros(1, dtype=torch.int32, device=x.device)
+    logits = x.new_empty(t, e, dtype=torch.float32)
+    weights = logits.new_empty(t, spec.top_k)
+    indices = logits.new_empty(t, spec.top_k, dtype=torch.int64)
+    scores = torch.empty_like(logits)
+    counts = logits.new_empty(e, dtype=torch.int64)
+    # Two experts a program: 32 programs for 64 experts, each reading 16 KB of gate weight; a product tile of at
+    # most 4096 elements (the routing tile's bound too).
+    block_e = 2
+    block_d = min(triton.next_power_of_2(d), max(16, 4096 // (block_t * block_e)))
+    tile = block_t * block_g * block_pg
+    _gate_route_kernel[(triton.cdiv(e, block_e),)](
+        x, weight, logits, arrived, bias.float() if bias is not None else logits, weights, indices, scores, counts,
+        t, d, x.stride(0), spec.scale, E=e, G=spec.n_group, PG=per_group, K=spec.top_k, TOPK_GROUP=spec.topk_group,
+        HAS_BIAS=bias is not None, SOFTMAX=spec.softmax, GROUP_TOP2=spec.group_top2, NORM=spec.norm,
+        BLOCK_E=block_e, BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_PG=block_pg,
+        BLOCK_K=triton.next_power_of_2(spec.top_k), num_warps=1 if tile <= 256 else 4, **pdl_meta(x.device),
     )
     return weights, indices, scores, counts
-
-
-def route_triton(logits: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _route_launch(logits, bias, spec, select_only=False)
-
-
-def select_triton(scores: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    _, indices, _, counts = _route_launch(scores, bias, spec, select_only=True)
-    return indices, counts
 
 
 def experts_triton(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
@@ -268,17 +301,18 @@ def expert_parts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
 
 
 # ---- custom ops: what torch.compile sees (see the module docstring) ----------------------------------------------
-@torch.library.custom_op("dsv3::moe_route", mutates_args=())
-def _route_op(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
-              group_top2: bool, softmax: bool, norm: bool, scale: float
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return route_triton(logits, bias, RouteSpec(top_k, n_group, topk_group, group_top2, softmax, norm, scale))
+@torch.library.custom_op("dsv3::moe_gate_route", mutates_args=())
+def _gate_route_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int,
+                   topk_group: int, group_top2: bool, softmax: bool, norm: bool, scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gate_route_triton(x, weight, bias, RouteSpec(top_k, n_group, topk_group, group_top2, softmax, norm, scale))
 
 
-@_route_op.register_fake
-def _(logits, bias, top_k, n_group, topk_group, group_top2, softmax, norm, scale):
-    t, e = logits.shape
-    return (logits.new_empty(t, top_k), logits.new_empty(t, top_k, dtype=torch.int64), torch.empty_like(logits),
+@_gate_route_op.register_fake
+def _(x, weight, bias, top_k, n_group, topk_group, group_top2, softmax, norm, scale):
+    t, e = x.shape[0], weight.shape[0]
+    logits = x.new_empty(t, e, dtype=torch.float32)
+    return (logits.new_empty(t, top_k), logits.new_empty(t, top_k, dtype=torch.int64), logits,
             logits.new_empty(e, dtype=torch.int64))
 
 
@@ -315,14 +349,15 @@ def _(x, gate_up_proj, down_proj, weights, indices, shared_gate, shared_up, shar
     return x.new_empty((x.shape[0], indices.shape[1] + n_shared, x.shape[1]), dtype=torch.float32)
 
 
-def route(logits: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused routing kernel: logits [T, E] fp32 -> (weights [T, K] fp32, indices [T, K] int64, scores [T, E],
-    tokens per expert [E] int64), as `Gate.forward` and `Experts.forward` would give them."""
+def gate_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused routing kernel, for decode batches: x [T, D] and the gate's weight [E, D] -> (weights [T, K] fp32,
+    indices [T, K] int64, scores [T, E] fp32, tokens per expert [E] int64), as `Gate.forward` and
+    `Experts.forward` would give them from the fp32 logits x @ weight^T."""
     if torch.compiler.is_compiling():
-        return torch.ops.dsv3.moe_route(logits, bias, spec.top_k, spec.n_group, spec.topk_group, spec.group_top2,
-                                        spec.softmax, spec.norm, spec.scale)
-    return route_triton(logits, bias, spec)
+        return torch.ops.dsv3.moe_gate_route(x, weight, bias, spec.top_k, spec.n_group, spec.topk_group,
+                                             spec.group_top2, spec.softmax, spec.norm, spec.scale)
+    return gate_route_triton(x, weight, bias, spec)
 
 
 def select(scores: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,30 +384,79 @@ if triton is not None:
     from .tuning import pdl_prologue
 
     @triton.jit
-    def _route_kernel(X, BIAS, WEIGHTS, INDICES, SCORES, COUNTS, T, scale,
-                      E: tl.constexpr, G: tl.constexpr, PG: tl.constexpr, K: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, SOFTMAX: tl.constexpr, GROUP_TOP2: tl.constexpr, NORM: tl.constexpr,
-                      SELECT_ONLY: tl.constexpr, ATOMIC_COUNTS: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        # Program p routes tokens [p * BLOCK_T, +BLOCK_T). X holds their logits, or with SELECT_ONLY the caller's
-        # scores, of which only the choice is written (indices and counts).
+    def _select_kernel(X, BIAS, INDICES, COUNTS, T, E: tl.constexpr, G: tl.constexpr, PG: tl.constexpr,
+                       K: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_TOP2: tl.constexpr,
+                       ATOMIC_COUNTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                       BLOCK_PG: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        # Program p chooses the experts of tokens [p * BLOCK_T, +BLOCK_T) from their scores X: indices and counts.
         pdl_prologue(PDL)
+        _route_block(X, BIAS, X, INDICES, X, COUNTS, T, 1.0, tl.program_id(0) * BLOCK_T, E, G, PG, K, TOPK_GROUP,
+                     HAS_BIAS, False, GROUP_TOP2, False, True, ATOMIC_COUNTS, False, BLOCK_T, BLOCK_G, BLOCK_PG,
+                     BLOCK_K)
+
+    @triton.jit
+    def _gate_route_kernel(X, W, LOGITS, ARRIVED, BIAS, WEIGHTS, INDICES, SCORES, COUNTS, T, D, stride_x, scale,
+                           E: tl.constexpr, G: tl.constexpr, PG: tl.constexpr, K: tl.constexpr,
+                           TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTMAX: tl.constexpr,
+                           GROUP_TOP2: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                           BLOCK_PG: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        # Program p: the fp32 logits of experts [p * BLOCK_E, +BLOCK_E) for all T tokens (x [T, D] in its dtype,
+        # the gate weight W [E, D], products in fp32), into LOGITS [T, E]. The program that arrives last (ARRIVED counts them;
+        # it resets it to 0 for the next launch) then routes all the tokens from LOGITS.
+        pdl_prologue(PDL)
+        ex = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+        tok = tl.arange(0, BLOCK_T)
+        emask = ex < E
+        tmask = tok < T
+        acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            cmask = cols < D
+            x = tl.load(X + tok[:, None] * stride_x + cols[None, :], mask=tmask[:, None] & cmask[None, :],
+                        other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_D]
+            w = tl.load(W + ex[:, None] * D + cols[None, :], mask=emask[:, None] & cmask[None, :],
+                        other=0.0).to(tl.float32)  # [BLOCK_E, BLOCK_D]
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        tl.store(LOGITS + tok[:, None] * E + ex[None, :], acc, mask=tmask[:, None] & emask[None, :])
+        # Every thread's stores are issued before the arrival; acq_rel publishes them to, and in the last program
+        # makes the others' visible to, the loads below (which skip L1: it is not coherent across SMs).
+        tl.debug_barrier()
+        if tl.atomic_add(ARRIVED, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            tl.store(ARRIVED, 0)
+            _route_block(LOGITS, BIAS, WEIGHTS, INDICES, SCORES, COUNTS, T, scale, 0, E, G, PG, K, TOPK_GROUP,
+                         HAS_BIAS, SOFTMAX, GROUP_TOP2, NORM, False, False, True, BLOCK_T, BLOCK_G, BLOCK_PG,
+                         BLOCK_K)
+
+    @triton.jit
+    def _route_block(X, BIAS, WEIGHTS, INDICES, SCORES, COUNTS, T, scale, first,
+                     E: tl.constexpr, G: tl.constexpr, PG: tl.constexpr, K: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, SOFTMAX: tl.constexpr, GROUP_TOP2: tl.constexpr, NORM: tl.constexpr,
+                     SELECT_ONLY: tl.constexpr, ATOMIC_COUNTS: tl.constexpr, UNCACHED: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Routes tokens [first, +BLOCK_T) from their logits X, or with SELECT_ONLY chooses from their scores X
+        # (writing only indices and counts); UNCACHED: X was written by other programs of this launch, so its
+        # loads bypass L1 (not coherent across SMs).
         # Experts sit in a [BLOCK_G, BLOCK_PG] grid (expert = group * PG + j), padded to powers of two.
         grp = tl.arange(0, BLOCK_G)[None, :, None]
         j = tl.arange(0, BLOCK_PG)[None, None, :]
         emask = (grp < G) & (j < PG)  # [1, BLOCK_G, BLOCK_PG]
         expert = tl.where(emask, grp * PG + j, -1)  # padding never matches a chosen index
         kk = tl.arange(0, BLOCK_K)[None, :]
-        tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tok = first + tl.arange(0, BLOCK_T)
         tmask = tok < T
         tok3 = tok[:, None, None]
         tmask3 = tmask[:, None, None]
         xmask = tmask3 & emask  # [BLOCK_T, BLOCK_G, BLOCK_PG]
+        if UNCACHED:
+            x = tl.load(X + tok3 * E + expert, mask=xmask, other=0.0, cache_modifier=".cg")
+        else:
+            x = tl.load(X + tok3 * E + expert, mask=xmask, other=0.0)
         if SELECT_ONLY:
-            scores = tl.load(X + tok3 * E + expert, mask=xmask, other=0.0)
+            scores = x
         else:
             # Padded tokens read 0 (finite, so no NaN below); padded experts are -inf, i.e. score 0.
-            logit = tl.load(X + tok3 * E + expert, mask=xmask, other=0.0)
+            logit = x
             logit = tl.where(emask, logit, float("-inf"))
             if SOFTMAX:
                 top = tl.max(tl.max(logit, axis=2), axis=1)
