@@ -45,6 +45,7 @@ def test_mla_decode_kernels(pdl):
                   PAGE=64, PDL=pdl), num_warps=4, num_stages=2)  # as mla_decode_triton launches it
     _compile(mla_decode._mla_merge, {"PART": "*fp32", "LSE": "*fp32", "OUT": "*bf16", "n_splits": "i32", "H": "i32"},
              dict(C=512, BLOCK_S=mla_decode.MERGE_S, BLOCK_C=mla_decode.MERGE_C, PDL=pdl))
+    _compile(mla_decode._write_latents, {"KV": "*bf16", "SLOTS": "*i64", "LAT": "*bf16"}, dict(BLOCK=1024, PDL=pdl))
 
 
 @pytest.mark.parametrize("pdl", [False, True])

@@ -15,7 +15,8 @@ Notable features:
   and the step), so the engine has no copy of the block code.
 - Under torch.compile the Triton decode kernel is called as the custom op `dsv3::mla_decode_triton`: the compiler
   sees one opaque call with a declared output shape instead of tracing the kernel launch. The cache write is the
-  custom op `dsv3::write_cache`, which mutates the cache layer in place.
+  custom op `dsv3::write_cache`, which mutates the cache layer in place (with Triton, one kernel:
+  `ops.mla_decode.write_latents_triton`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import MLA
-from ..ops.mla_decode import mla_decode, mla_decode_triton
+from ..ops.mla_decode import mla_decode, mla_decode_triton, write_latents_reference, write_latents_triton
 
 # columns of Step.rows
 ID, POS, SLOT, LEN, VALID, SEQ = range(6)
@@ -63,9 +64,9 @@ def mla_attention(mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     q_nope, q_pe, c_kv, k_pe = mla.project(x, cos, sin)  # [1, R, H, nope], [1, R, H, rope], [1, R, C], [1, R, rope]
     latents = torch.cat([c_kv, k_pe], dim=-1)[0]  # [R, C+R]
     if torch.compiler.is_compiling():
-        torch.ops.dsv3.write_cache(kv, step.rows[:, SLOT], latents)
+        torch.ops.dsv3.write_cache(kv, step.rows[:, SLOT], latents, step.use_triton)
     else:
-        write_cache(kv, step.rows[:, SLOT], latents)
+        write_cache(kv, step.rows[:, SLOT], latents, step.use_triton)
     q_nope, q_pe = q_nope[0], q_pe[0]
     d = step.decode_rows
     if not step.prefills:
@@ -80,21 +81,21 @@ def mla_attention(mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return mla.o_proj(out.flatten(1)).unsqueeze(0)
 
 
-def write_cache(kv: torch.Tensor, slots: torch.Tensor, latents: torch.Tensor) -> None:
+def write_cache(kv: torch.Tensor, slots: torch.Tensor, latents: torch.Tensor, use_triton: bool) -> None:
     # kv: [P, bs, C+R] written in place at the flat slots [R] with latents [R, C+R]
-    kv.view(-1, kv.shape[-1])[slots] = latents
+    (write_latents_triton if use_triton else write_latents_reference)(kv, slots, latents)
 
 
 # The cache write as an op that mutates its cache argument, for torch.compile: as a traced index_put into the
 # layer, torch 2.11's inductor on CUDA copied the whole layer out and back around the write (found on the H200;
 # torch 2.13 on the CPU writes in place). A mutating custom op is written in place when the cache is a graph input.
 @torch.library.custom_op("dsv3::write_cache", mutates_args=("kv",))
-def _write_cache_op(kv: torch.Tensor, slots: torch.Tensor, latents: torch.Tensor) -> None:
-    write_cache(kv, slots, latents)
+def _write_cache_op(kv: torch.Tensor, slots: torch.Tensor, latents: torch.Tensor, use_triton: bool) -> None:
+    write_cache(kv, slots, latents, use_triton)
 
 
 @_write_cache_op.register_fake
-def _(kv, slots, latents):
+def _(kv, slots, latents, use_triton):
     return None
 
 

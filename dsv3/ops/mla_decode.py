@@ -19,6 +19,9 @@ Notable features:
   CUDA graph.
 - Any C, R and head count (power-of-two tiles with masks); tokens past a row's length are never read. Queries, seq
   and lengths may be strided views (the engine passes columns of its packed row tensor).
+- `write_latents_triton`: the step's cache write (each row's latent into its slot) as one small kernel launched like
+  the others of the step (programmatic dependent launch), where the indexed assignment it replaces was an aten
+  index kernel that the next kernel could not overlap: 16b batch-1 decode 382.3 vs 365.8 tokens/s (+4.5%).
 - `mla_decode_reference` is the plain gather-and-softmax the kernel is tested against; it is also the CPU path.
 """
 
@@ -58,6 +61,23 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     if use_triton:
         return mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq, lengths, scale)
     return mla_decode_reference(q_lat, q_pe, kv_cache, block_tables, seq, lengths, scale)
+
+
+def write_latents_reference(kv_cache: torch.Tensor, slots: torch.Tensor, latents: torch.Tensor) -> None:
+    # kv_cache: [P, bs, C+R] written in place at the flat slots [M] with latents [M, C+R]
+    kv_cache.view(-1, kv_cache.shape[-1])[slots] = latents
+
+
+def write_latents_triton(kv_cache: torch.Tensor, slots: torch.Tensor, latents: torch.Tensor) -> None:
+    """write_latents_reference as one Triton launch."""
+    if triton is None:
+        raise RuntimeError("the Triton cache write needs the triton package")
+    width = kv_cache.shape[-1]
+    if not kv_cache.is_contiguous() or latents.shape[-1] != width or latents.stride(-1) != 1:
+        raise ValueError(f"write_latents wants a contiguous cache and latent rows of width {width}")
+    if latents.shape[0]:
+        _write_latents[(latents.shape[0],)](kv_cache, slots, latents, slots.stride(0), latents.stride(0), width,
+                                            BLOCK=triton.next_power_of_2(width), **pdl_meta(kv_cache.device))
 
 
 def triton_available(device: torch.device) -> bool:
@@ -166,6 +186,16 @@ if triton is not None:
         base = (row * n_splits + split) * H
         tl.store(OUT + (base + heads)[:, None] * C + offs_c[None, :], out, mask=hmask[:, None] & cmask[None, :])
         tl.store(LSE + base + heads, lse, mask=hmask)
+
+    @triton.jit
+    def _write_latents(KV, SLOTS, LAT, stride_slot, stride_lat, W, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        # Program m: latent row m into the cache's flat slot SLOTS[m]
+        pdl_prologue(PDL)
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < W
+        slot = tl.load(SLOTS + row * stride_slot).to(tl.int64)
+        tl.store(KV + slot * W + cols, tl.load(LAT + row * stride_lat + cols, mask=mask), mask=mask)
 
     @triton.jit
     def _mla_merge(PART, LSE, OUT, n_splits, H, C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
