@@ -16,10 +16,10 @@ bandwidth, and the shared experts' MLP a few more launches. Here the layer is th
 - `select`, the routing kernel for training batches (and prefill): from scores the caller computed (with
   autograd), only the choice, i.e. indices and counts. A program per block of tokens (a tile of at most 4096
   scores); more than one program add their counts into a zeroed buffer with integer atomics, whose sum does not
-  depend on their order. `Gate.forward` then gathers the weights in PyTorch, so gradients are
-  those of the plain path, and the choice is made on the very same fp32 scores, so it is the plain path's too
-  (up to exact ties, which go to the lower index here). It replaces three torch.topk calls, the group mask and
-  `Experts.forward`'s scatter_add counts with one launch, and writes no scores or weights.
+  depend on their order. `Gate.forward` then gathers the weights in PyTorch, so gradients are those of the plain
+  path, and the choice is made on the very same fp32 scores, so it is the plain path's too (up to exact ties,
+  which go to the lower index here). It replaces three torch.topk calls, the group mask and `Experts.forward`'s
+  scatter_add counts with one launch, and writes no scores or weights.
 - `experts`: two GEMV kernels that read only the chosen experts' weights, along their contiguous reduction dim.
   gate/up: a program per (token-expert pair, tile of I) computes silu(x . Wg[i]) * (x . Wu[i]); down: a program per
   (pair, tile of D) writes its output times the routing weight in fp32, and one small sum over each token's pairs
@@ -40,9 +40,9 @@ bandwidth, and the shared experts' MLP a few more launches. Here the layer is th
 - Tile sizes of the expert kernels are autotuned per shape and pair count among a few configurations chosen for
   Hopper bandwidth (a few hundred programs, 16-byte loads); the first call of each shape benchmarks them, so warm
   up before capturing a graph. Under the Triton interpreter the first configuration runs.
-- `gate_route_reference` (`route_reference` of the logits), `select_reference` and `experts_reference` state the same computations in plain PyTorch (argmax
-  rounds, gathered weights, the shared MLP as one matmul); the tests hold them against the model's Gate and MoE, and
-  the kernels against them.
+- `gate_route_reference` (`route_reference` of the logits), `select_reference` and `experts_reference` state the
+  same computations in plain PyTorch (argmax rounds, gathered weights, the shared MLP as one matmul); the tests
+  hold them against the model's Gate and MoE, and the kernels against them.
 """
 
 from __future__ import annotations
@@ -402,8 +402,8 @@ if triton is not None:
                            BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
                            BLOCK_PG: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         # Program p: the fp32 logits of experts [p * BLOCK_E, +BLOCK_E) for all T tokens (x [T, D] in its dtype,
-        # the gate weight W [E, D], products in fp32), into LOGITS [T, E]. The program that arrives last (ARRIVED counts them;
-        # it resets it to 0 for the next launch) then routes all the tokens from LOGITS.
+        # the gate weight W [E, D], products in fp32), into LOGITS [T, E]. The program that arrives last (ARRIVED
+        # counts them; it resets it to 0 for the next launch) then routes all the tokens from LOGITS.
         pdl_prologue(PDL)
         ex = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
         tok = tl.arange(0, BLOCK_T)
