@@ -4,11 +4,11 @@
 
 Both train from fp32 master weights under bf16 autocast with AdamW (betas 0.9/0.95, weight decay 0.1) and grad
 clipping at 1.0, on the same random-token batches: transformers with torch's fused AdamW (fp32 moments), dsv3 with
-its trainer's (bf16 moments, as in the report; `--fp32-moments` gives it torch's too). dsv3 runs its own `Trainer` pieces (loss with the sequence-wise
-balance term, the auxiliary-loss-free bias update after each step); MTP is off in the head-to-head row (transformers
-has no MTP) and timed separately. `--fp8` also times dsv3 with the report's FP8 recipe (`apply_fp8`: fine-grained FP8
-GEMMs for every linear layer and expert) against its own bf16 row. MFU uses dsv3's FLOP count (`dsv3.info`) and the
-bf16 dense peak of the GPU.
+its trainer's (bf16 moments, as in the report; `--fp32-moments` gives it torch's too). dsv3 runs its own `Trainer`
+pieces (loss with the sequence-wise balance term, the auxiliary-loss-free bias update after each step); MTP is off
+in the head-to-head row (transformers has no MTP) and timed separately. `--fp8` also times dsv3 with the report's
+FP8 recipe (`apply_fp8`: fine-grained FP8 GEMMs for every linear layer and expert) against its own bf16 row. MFU
+uses dsv3's FLOP count (`dsv3.info`) and the bf16 dense peak of the GPU.
 """
 
 from __future__ import annotations

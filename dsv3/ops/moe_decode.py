@@ -187,6 +187,22 @@ def experts_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: to
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------------
+ROUTE_TILE = 4096  # scores one routing program holds at most: a [BLOCK_T, BLOCK_G, BLOCK_PG] tile
+
+
+def _route_meta(spec: RouteSpec, e: int) -> dict:
+    """The routing kernels' shared launch constants for `e` experts: the rule, and the expert grid (group, expert
+    within it) padded to powers of two."""
+    return dict(E=e, G=spec.n_group, PG=e // spec.n_group, K=spec.top_k, TOPK_GROUP=spec.topk_group,
+                GROUP_TOP2=spec.group_top2, BLOCK_G=triton.next_power_of_2(spec.n_group),
+                BLOCK_PG=triton.next_power_of_2(e // spec.n_group), BLOCK_K=triton.next_power_of_2(spec.top_k))
+
+
+def _route_warps(tile: int) -> int:
+    # A small tile reduces inside one warp (shuffles only, no shared-memory round trips).
+    return 1 if tile <= 256 else 4 if tile <= 2048 else 8
+
+
 def select_triton(scores: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     if triton is None:
@@ -194,22 +210,18 @@ def select_triton(scores: torch.Tensor, bias: torch.Tensor | None, spec: RouteSp
     scores = scores.float().contiguous()  # no-ops on what the gate hands over
     t, e = scores.shape
     indices = scores.new_empty(t, spec.top_k, dtype=torch.int64)
-    per_group = e // spec.n_group
-    block_g, block_pg = triton.next_power_of_2(spec.n_group), triton.next_power_of_2(per_group)
-    # Tokens per program: a [BLOCK_T, BLOCK_G, BLOCK_PG] tile of at most 4096 scores (the small preset's 64 experts:
-    # 64 tokens, 512 programs at 32K tokens).
-    block_t = min(triton.next_power_of_2(max(t, 1)), max(1, 4096 // (block_g * block_pg)))
+    meta = _route_meta(spec, e)
+    experts = meta["BLOCK_G"] * meta["BLOCK_PG"]
+    # Tokens per program: a tile of at most ROUTE_TILE scores (the small preset's 64 experts: 64 tokens, 512
+    # programs at 32K tokens).
+    block_t = min(triton.next_power_of_2(max(t, 1)), max(1, ROUTE_TILE // experts))
     programs = triton.cdiv(max(t, 1), block_t)  # T = 0 still runs one program, to store zero counts
     # One program stores its counts; several add theirs to zeros (a memset: no host sync, fine in a CUDA graph).
     counts = scores.new_zeros(e, dtype=torch.int64) if programs > 1 else scores.new_empty(e, dtype=torch.int64)
-    tile = block_t * block_g * block_pg
     _select_kernel[(programs,)](
-        scores, bias.float() if bias is not None else scores, indices, counts, t,
-        E=e, G=spec.n_group, PG=per_group, K=spec.top_k, TOPK_GROUP=spec.topk_group, HAS_BIAS=bias is not None,
-        GROUP_TOP2=spec.group_top2, ATOMIC_COUNTS=programs > 1, BLOCK_T=block_t, BLOCK_G=block_g,
-        BLOCK_PG=block_pg, BLOCK_K=triton.next_power_of_2(spec.top_k),
-        # A small tile reduces inside one warp (shuffles only, no shared-memory round trips).
-        num_warps=1 if tile <= 256 else 4 if tile <= 2048 else 8, **pdl_meta(scores.device),
+        scores, bias.float() if bias is not None else scores, indices, counts, t, **meta, HAS_BIAS=bias is not None,
+        ATOMIC_COUNTS=programs > 1, BLOCK_T=block_t, num_warps=_route_warps(block_t * experts),
+        **pdl_meta(scores.device),
     )
     return indices, counts
 
@@ -224,11 +236,11 @@ def gate_route_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise RuntimeError("the fused routing kernel needs the triton package")
     t, d = x.shape
     e = weight.shape[0]
-    per_group = e // spec.n_group
-    block_g, block_pg = triton.next_power_of_2(spec.n_group), triton.next_power_of_2(per_group)
+    meta = _route_meta(spec, e)
+    experts = meta["BLOCK_G"] * meta["BLOCK_PG"]
     block_t = triton.next_power_of_2(max(t, 1))
-    if block_t * block_g * block_pg > 4096:
-        raise ValueError(f"gate_route routes at most {4096 // (block_g * block_pg)} tokens at once, got {t}")
+    if block_t * experts > ROUTE_TILE:
+        raise ValueError(f"gate_route routes at most {ROUTE_TILE // experts} tokens at once, got {t}")
     if not weight.is_contiguous() or x.stride(-1) != 1:
         raise ValueError("gate_route wants a contiguous gate weight and contiguous rows of x")
     arrived = _ARRIVED.get(x.device)
@@ -240,16 +252,14 @@ def gate_route_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     scores = torch.empty_like(logits)
     counts = logits.new_empty(e, dtype=torch.int64)
     # Two experts a program: 32 programs for 64 experts, each reading 16 KB of gate weight; a product tile of at
-    # most 4096 elements (the routing tile's bound too).
+    # most ROUTE_TILE elements too.
     block_e = 2
-    block_d = min(triton.next_power_of_2(d), max(16, 4096 // (block_t * block_e)))
-    tile = block_t * block_g * block_pg
+    block_d = min(triton.next_power_of_2(d), max(16, ROUTE_TILE // (block_t * block_e)))
     _gate_route_kernel[(triton.cdiv(e, block_e),)](
         x, weight, logits, arrived, bias.float() if bias is not None else logits, weights, indices, scores, counts,
-        t, d, x.stride(0), spec.scale, E=e, G=spec.n_group, PG=per_group, K=spec.top_k, TOPK_GROUP=spec.topk_group,
-        HAS_BIAS=bias is not None, SOFTMAX=spec.softmax, GROUP_TOP2=spec.group_top2, NORM=spec.norm,
-        BLOCK_E=block_e, BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_PG=block_pg,
-        BLOCK_K=triton.next_power_of_2(spec.top_k), num_warps=1 if tile <= 256 else 4, **pdl_meta(x.device),
+        t, d, x.stride(0), spec.scale, **meta, HAS_BIAS=bias is not None, SOFTMAX=spec.softmax, NORM=spec.norm,
+        BLOCK_E=block_e, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=_route_warps(block_t * experts),
+        **pdl_meta(x.device),
     )
     return weights, indices, scores, counts
 
