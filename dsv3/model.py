@@ -163,14 +163,20 @@ class MLA(nn.Module):
     def share_input_weights(self) -> None:
         self.input_weight = share_weight(self.q_input_proj, self.kv_a_proj_with_mqa, current=self.input_weight)
 
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [B, T, D] -> q: [B, T, H * (nope + rope)] (through the query LoRA when there is one), and kv_a_proj's
+        # output [B, T, kv_lora + rope], before its norm and rope
+        q, kv = shared_linear(x, self.input_weight, self.q_input_proj, self.kv_a_proj_with_mqa)
+        if self.cfg.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        return q, kv
+
     def project(self, x: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: [B, T, D] -> q_nope: [B, T, H, nope], q_pe: [B, T, H, rope] (roped), and what a decoder caches:
         # c_kv: [B, T, kv_lora] (normalised), k_pe: [B, T, rope] (roped)
         cfg = self.cfg
-        q, kv = shared_linear(x, self.input_weight, self.q_input_proj, self.kv_a_proj_with_mqa)
-        if cfg.q_lora_rank is not None:
-            q = self.q_b_proj(self.q_a_layernorm(q))
+        q, kv = self.projections(x)
         q_nope, q_pe = q.unflatten(-1, (self.n_heads, cfg.qk_head_dim)).split(
             [cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = kv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)

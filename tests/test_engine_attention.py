@@ -19,9 +19,9 @@ CFG = dsv3.ModelConfig.preset("tiny", num_hidden_layers=2)
 BS = 4  # block size
 
 
-def _decode_by_loop(q_lat, q_pe, kv, tables, seq, lengths, scale):
-    # One row, one head at a time: gather the visible tokens through the block table, softmax, weighted sum.
-    out = torch.empty_like(q_lat)
+def _decode_by_loop(q_lat, q_pe, kv, tables, seq, lengths, scale, w_uv):
+    # One row, one head at a time: gather the visible tokens through the block table, softmax, weighted sum, W_UV.
+    out = q_lat.new_empty(q_lat.shape[0], q_lat.shape[1], w_uv.shape[1])
     c = q_lat.shape[-1]
     for m in range(q_lat.shape[0]):
         n = int(lengths[m])
@@ -29,7 +29,7 @@ def _decode_by_loop(q_lat, q_pe, kv, tables, seq, lengths, scale):
         keys = torch.stack(slots)  # [n, C+R]
         for h in range(q_lat.shape[1]):
             s = (keys[:, :c] @ q_lat[m, h] + keys[:, c:] @ q_pe[m, h]) * scale
-            out[m, h] = torch.softmax(s, 0) @ keys[:, :c]
+            out[m, h] = w_uv[h] @ (torch.softmax(s, 0) @ keys[:, :c])
     return out
 
 
@@ -45,34 +45,33 @@ def _random_decode_inputs(m, h, c, r, bs, width, seqs, gen):
     return q_lat, torch.randn(m, h, r, generator=gen), kv, tables, rows[:, 0], rows[:, 1]
 
 
+def _w_uv(h, v, c, gen):
+    # W_UV as the engine passes it: a view of kv_b_proj's weight, every head's v rows after its nope rows
+    return torch.randn(h, 3 + v, c, generator=gen)[:, 3:] / c ** 0.5
+
+
 @pytest.mark.parametrize("m,h,c,r,bs,width,seqs", [(5, 4, 32, 16, 4, 6, 3), (1, 3, 24, 8, 16, 2, 1),
                                                     (7, 20, 40, 12, 5, 4, 2)])
 def test_decode_reference_matches_loop(m, h, c, r, bs, width, seqs):
-    args = _random_decode_inputs(m, h, c, r, bs, width, seqs, torch.Generator().manual_seed(m))
-    torch.testing.assert_close(mla_decode_reference(*args, 0.3), _decode_by_loop(*args, 0.3), atol=1e-5, rtol=1e-5)
+    gen = torch.Generator().manual_seed(m)
+    args = (*_random_decode_inputs(m, h, c, r, bs, width, seqs, gen), 0.3, _w_uv(h, 6, c, gen))
+    torch.testing.assert_close(mla_decode_reference(*args), _decode_by_loop(*args), atol=1e-5, rtol=1e-5)
 
 
 KERNEL_CHECK = """
 import torch
 from dsv3.ops import mla_decode
 from dsv3.ops.mla_decode import mla_decode_reference, mla_decode_triton
-from tests.test_engine_attention import _random_decode_inputs
-# The merge's own tiles, then small ones, so that it loops over several chunks of splits and channels.
-for mla_decode.MERGE_S, mla_decode.MERGE_C in [(32, 64), (4, 16)]:
+from tests.test_engine_attention import _random_decode_inputs, _w_uv
+# The merge's own tiles, then small ones, so that it loops over several chunks of splits and value channels.
+for mla_decode.MERGE_S, mla_decode.MERGE_V in [(8, 16), (2, 4)]:
     for i, shape in enumerate([(5, 4, 32, 16, 4, 6, 3), (3, 20, 48, 24, 64, 3, 2), (2, 16, 64, 8, 8, 40, 2)]):
-        args = _random_decode_inputs(*shape, torch.Generator().manual_seed(i))
-        err = (mla_decode_triton(*args, 0.2) - mla_decode_reference(*args, 0.2)).abs().max().item()
+        gen = torch.Generator().manual_seed(i)
+        args = (*_random_decode_inputs(*shape, gen), 0.2, _w_uv(shape[1], 10, shape[2], gen))
+        err = (mla_decode_triton(*args) - mla_decode_reference(*args)).abs().max().item()
         assert err < 1e-4, (shape, err)
-# The cache write: rows to their slots (a strided view of the slots, as the engine passes a column of its rows).
-kv = torch.zeros(6, 4, 24, dtype=torch.bfloat16)
-rows = torch.randn(5, 24).bfloat16()
-slots = torch.tensor([[3, 0], [17, 0], [8, 0], [0, 0], [23, 0]])[:, 0]
-expected = kv.clone()
-mla_decode.write_latents_reference(expected, slots, rows)
-mla_decode.write_latents_triton(kv, slots, rows)
-assert torch.equal(kv, expected)
 import dsv3.engine.attention  # registers the kernel as the custom op compiled engines call
-torch.library.opcheck(torch.ops.dsv3.mla_decode_triton, (*args, 0.2), test_utils="test_faketensor")
+torch.library.opcheck(torch.ops.dsv3.mla_decode_triton, args, test_utils="test_faketensor")
 print("ok")
 """
 

@@ -31,9 +31,10 @@ def test_triton_decode_matches_reference_bf16(m, h, c, r, bs, width, seqs):
     lengths[0] = 1
     q = torch.randn(m, h, c, device="cuda", generator=gen).bfloat16()
     q_pe = torch.randn(m, h, r, device="cuda", generator=gen).bfloat16()
+    w_uv = (torch.randn(h, 2 * c, c, device="cuda", generator=gen) / c ** 0.5).bfloat16()[:, c:]  # [H, v = C, C]
     scale = (c + r) ** -0.5
-    ref = mla_decode_reference(q.float(), q_pe.float(), kv.float(), tables, seq, lengths, scale)
-    out = mla_decode_triton(q, q_pe, kv, tables, seq, lengths, scale).float()
+    ref = mla_decode_reference(q.float(), q_pe.float(), kv.float(), tables, seq, lengths, scale, w_uv.float())
+    out = mla_decode_triton(q, q_pe, kv, tables, seq, lengths, scale, w_uv).float()
     assert (out - ref).abs().max() < 2e-2 * ref.abs().max()
 
 

@@ -6,7 +6,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from dsv3.ops import adamw, cross_entropy, fp8_gemm, fp8_gemv, mla_decode, moe_decode  # noqa: E402
+from dsv3.ops import adamw, cross_entropy, fp8_gemm, fp8_gemv, mla_decode, mla_prepare, moe_decode  # noqa: E402
 from dsv3.ops.tuning import GEMV_TILES, INTERPRET, pdl_meta  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="under the interpreter the kernels are not compiled")
@@ -42,10 +42,19 @@ def test_mla_decode_kernels(pdl):
            "OUT": "*fp32", "LSE": "*fp32", "scale": "fp32"}
     _compile(mla_decode._mla_decode_split, ptr,  # the DeepSeek-V3 latent: C 512, R 64
              dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, BLOCK_H=mla_decode.BLOCK_H, BLOCK_N=mla_decode.BLOCK_N,
-                  PAGE=64, PDL=pdl), num_warps=4, num_stages=2)  # as mla_decode_triton launches it
-    _compile(mla_decode._mla_merge, {"PART": "*fp32", "LSE": "*fp32", "OUT": "*bf16", "n_splits": "i32", "H": "i32"},
-             dict(C=512, BLOCK_S=mla_decode.MERGE_S, BLOCK_C=mla_decode.MERGE_C, PDL=pdl))
-    _compile(mla_decode._write_latents, {"KV": "*bf16", "SLOTS": "*i64", "LAT": "*bf16"}, dict(BLOCK=1024, PDL=pdl))
+                  PAGE=64, PDL=pdl), num_warps=8, num_stages=2)  # as mla_decode_triton launches it
+    _compile(mla_decode._mla_merge, {"PART": "*fp32", "LSE": "*fp32", "W": "*bf16", "OUT": "*bf16"},
+             dict(C=512, V=128, BLOCK_S=mla_decode.MERGE_S, BLOCK_C=512, BLOCK_V=mla_decode.MERGE_V, PDL=pdl))
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("interleave", [False, True])
+def test_mla_prepare_kernel(interleave, block_m):
+    ptr = {name: "*bf16" for name in ("Q", "KV", "WUK", "NW", "CACHE", "QLAT", "QPE")}
+    _compile(mla_prepare._prepare, {**ptr, "COS": "*fp32", "SIN": "*fp32", "SLOTS": "*i64", "eps": "fp32"},
+             dict(C=512, NOPE=128, R=64, INTERLEAVE=interleave, BLOCK_M=block_m, BLOCK_C=mla_prepare.BLOCK_C,
+                  BLOCK_NOPE=128, BLOCK_CF=512, BLOCK_HR=32, KV_ROWS=mla_prepare.KV_ROWS, INTERPRETED=False,
+                  PDL=True))
 
 
 @pytest.mark.parametrize("pdl", [False, True])

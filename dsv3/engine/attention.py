@@ -4,7 +4,8 @@ Notable features:
 - One step is a flat batch of token rows from many sequences (`Step`): decode rows first, then prefill chunks.
   Every row first writes its latent (c_kv, k_pe) into its cache slot; then each row attends to the cached tokens
   of its sequence up to its own position, so prefill, chunked prefill, decode and speculative verification are
-  one code path.
+  one code path. After the input projections, the latents' norm and rope, the cache write, the query's rope and
+  the decode rows' latent queries are one step (`ops.mla_prepare`: one Triton kernel, or its reference).
 - Decode rows use the absorbed form: W_UK folded into the query (q_lat = W_UK^T q_nope, kv_lora_rank wide) and W_UV
   into the output, attending straight over the cached latents (`ops.mla_decode`, Triton or its reference). The
   absorbed weights are views of `kv_b_proj.weight` ([H * (nope + v), kv_lora]: per head nope rows of W_UK, then v
@@ -13,10 +14,9 @@ Notable features:
   kv_b_proj into per-head keys and values for one SDPA call; compute-bound prompts are cheaper that way.
 - The model's blocks run with this attention through their `attn` hook (`cache_attention` binds a layer's cache
   and the step), so the engine has no copy of the block code.
-- Under torch.compile the Triton decode kernel is called as the custom op `dsv3::mla_decode_triton`: the compiler
-  sees one opaque call with a declared output shape instead of tracing the kernel launch. The cache write is the
-  custom op `dsv3::write_cache`, which mutates the cache layer in place (with Triton, one kernel:
-  `ops.mla_decode.write_latents_triton`).
+- Under torch.compile the Triton kernels are called as the custom ops `dsv3::mla_prepare` (which mutates the
+  cache layer in place) and `dsv3::mla_decode_triton`: the compiler sees opaque calls with declared output shapes
+  instead of tracing the kernel launches.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..model import MLA
-from ..ops.mla_decode import mla_decode, mla_decode_triton, write_latents_reference, write_latents_triton
+from ..ops.mla_decode import mla_decode, mla_decode_triton
+from ..ops.mla_prepare import prepare, prepare_triton
 
 # columns of Step.rows
 ID, POS, SLOT, LEN, VALID, SEQ = range(6)
@@ -59,72 +60,71 @@ class Step:
 
 def mla_attention(mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
                   step: Step) -> torch.Tensor:
-    # x: [1, R, D] (the rows as one sequence, as MLA's projections expect); kv: [P, bs, C+R] -> [1, R, D]
+    # x: [1, R, D] (the rows as one sequence, as MLA's projections expect); cos, sin: [1, R, rope/2];
+    # kv: [P, bs, C+R] -> [1, R, D]
     cfg = mla.cfg
-    q_nope, q_pe, c_kv, k_pe = mla.project(x, cos, sin)  # [1, R, H, nope], [1, R, H, rope], [1, R, C], [1, R, rope]
-    latents = torch.cat([c_kv, k_pe], dim=-1)[0]  # [R, C+R]
-    if torch.compiler.is_compiling():
-        torch.ops.dsv3.write_cache(kv, step.rows[:, SLOT], latents, step.use_triton)
-    else:
-        write_cache(kv, step.rows[:, SLOT], latents, step.use_triton)
-    q_nope, q_pe = q_nope[0], q_pe[0]
+    h, nope = mla.n_heads, cfg.qk_nope_head_dim
+    q, latent_in = mla.projections(x)  # [1, R, H*(nope+rope)], [1, R, C+rope]
+    w = mla.kv_b_proj.weight.view(h, nope + cfg.v_head_dim, cfg.kv_lora_rank)
+    w_uk, w_uv = w[:, :nope], w[:, nope:]  # [H, nope, C], [H, v, C]
     d = step.decode_rows
-    if not step.prefills:
-        out = absorbed(mla, q_nope, q_pe, kv, step)
+    norm = mla.kv_a_layernorm
+    args = (q[0], latent_in[0], w_uk, norm.weight, norm.eps, cos[0], sin[0], cfg.rope_interleave, kv,
+            step.rows[:, SLOT], d)
+    # Every row's latent into its cache slot, every row's roped q_pe, the decode rows' latent queries.
+    if step.use_triton and torch.compiler.is_compiling():
+        q_lat, q_pe = torch.ops.dsv3.mla_prepare(*args)  # [d, H, C], [R, H, rope]
     else:
-        out = q_nope.new_empty(q_nope.shape[0], mla.n_heads, cfg.v_head_dim)  # [R, H, v]
+        q_lat, q_pe = prepare(*args, step.use_triton)
+    if not step.prefills:
+        out = absorbed(mla, q_lat, q_pe, kv, w_uv, step)
+    else:
+        q_nope = q[0].unflatten(-1, (h, cfg.qk_head_dim))[..., :nope]  # [R, H, nope]
+        out = q_nope.new_empty(q_nope.shape[0], h, cfg.v_head_dim)  # [R, H, v]
         if d:
-            out[:d] = absorbed(mla, q_nope[:d], q_pe[:d], kv, step)
+            out[:d] = absorbed(mla, q_lat, q_pe[:d], kv, w_uv, step)
         for row, n, start, seq in step.prefills:
             pages = step.tables[seq, : -(-(start + n) // kv.shape[1])]
             out[row:row + n] = expanded(mla, q_nope[row:row + n], q_pe[row:row + n], kv, pages, start)
     return mla.o_proj(out.flatten(1)).unsqueeze(0)
 
 
-def write_cache(kv: torch.Tensor, slots: torch.Tensor, latents: torch.Tensor, use_triton: bool) -> None:
-    # kv: [P, bs, C+R] written in place at the flat slots [R] with latents [R, C+R]
-    (write_latents_triton if use_triton else write_latents_reference)(kv, slots, latents)
-
-
-# The cache write as an op that mutates its cache argument, for torch.compile: as a traced index_put into the
+# The prepare kernel as an op that mutates its cache argument, for torch.compile: as a traced index_put into the
 # layer, torch 2.11's inductor on CUDA copied the whole layer out and back around the write (found on the H200;
 # torch 2.13 on the CPU writes in place). A mutating custom op is written in place when the cache is a graph input.
-@torch.library.custom_op("dsv3::write_cache", mutates_args=("kv",))
-def _write_cache_op(kv: torch.Tensor, slots: torch.Tensor, latents: torch.Tensor, use_triton: bool) -> None:
-    write_cache(kv, slots, latents, use_triton)
+@torch.library.custom_op("dsv3::mla_prepare", mutates_args=("kv_cache",))
+def _mla_prepare_op(q: torch.Tensor, kv: torch.Tensor, w_uk: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    cos: torch.Tensor, sin: torch.Tensor, interleave: bool, kv_cache: torch.Tensor,
+                    slots: torch.Tensor, lat_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return prepare_triton(q, kv, w_uk, norm_weight, eps, cos, sin, interleave, kv_cache, slots, lat_rows)
 
 
-@_write_cache_op.register_fake
-def _(kv, slots, latents, use_triton):
-    return None
+@_mla_prepare_op.register_fake
+def _(q, kv, w_uk, norm_weight, eps, cos, sin, interleave, kv_cache, slots, lat_rows):
+    h, _, c = w_uk.shape
+    return q.new_empty(lat_rows, h, c), q.new_empty(q.shape[0], h, kv_cache.shape[-1] - c)
 
 
 # The Triton kernel as an op torch.compile does not look into (see the module docstring).
 @torch.library.custom_op("dsv3::mla_decode_triton", mutates_args=())
 def _mla_decode_triton_op(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                          seq: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
-    return mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq, lengths, scale)
+                          seq: torch.Tensor, lengths: torch.Tensor, scale: float, w_uv: torch.Tensor) -> torch.Tensor:
+    return mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq, lengths, scale, w_uv)
 
 
 @_mla_decode_triton_op.register_fake
-def _(q_lat, q_pe, kv_cache, block_tables, seq, lengths, scale):
-    return q_lat.new_empty(q_lat.shape)  # [M, H, C], contiguous like the kernel's merged output
+def _(q_lat, q_pe, kv_cache, block_tables, seq, lengths, scale, w_uv):
+    return q_lat.new_empty(q_lat.shape[0], q_lat.shape[1], w_uv.shape[1])  # [M, H, v]
 
 
-def absorbed(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, step: Step) -> torch.Tensor:
-    # q_nope: [M, H, nope], q_pe: [M, H, rope] for the first M rows -> [M, H, v]
-    cfg = mla.cfg
-    m = q_nope.shape[0]
-    w = mla.kv_b_proj.weight.view(mla.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
-    w_uk, w_uv = w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]  # [H, nope, C], [H, v, C]
-    q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [M, H, C]
-    rows = step.rows[:m]
-    args = (q_lat, q_pe, kv, step.tables, rows[:, SEQ], rows[:, LEN], mla.softmax_scale)
+def absorbed(mla: MLA, q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, w_uv: torch.Tensor,
+             step: Step) -> torch.Tensor:
+    # q_lat: [M, H, C], q_pe: [M, H, rope] for the first M rows, w_uv: [H, v, C] -> [M, H, v]
+    rows = step.rows[: q_lat.shape[0]]
+    args = (q_lat, q_pe, kv, step.tables, rows[:, SEQ], rows[:, LEN], mla.softmax_scale, w_uv)
     if step.use_triton and torch.compiler.is_compiling():
-        o_lat = torch.ops.dsv3.mla_decode_triton(*args)  # [M, H, C]
-    else:
-        o_lat = mla_decode(*args, step.use_triton)
-    return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [M, H, v]
+        return torch.ops.dsv3.mla_decode_triton(*args)
+    return mla_decode(*args, step.use_triton)
 
 
 def expanded(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pages: torch.Tensor,

@@ -47,6 +47,7 @@ bandwidth, and the shared experts' MLP a few more launches. Here the layer is th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -384,8 +385,11 @@ def experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     with `fp8`), weighted and summed, plus the shared experts' MLP when given -> [T, D] in x.dtype."""
     if torch.compiler.is_compiling():
         scales = (None, None, 0) if fp8 is None else (fp8.gate_up_scale_inv, fp8.down_scale_inv, fp8.inter)
-        return torch.ops.dsv3.moe_experts(x, gate_up_proj, down_proj, weights, indices, *(shared or (None,) * 3),
-                                          *scales).sum(dim=1).to(x.dtype)
+        pairs = torch.ops.dsv3.moe_experts(x, gate_up_proj, down_proj, weights, indices, *(shared or (None,) * 3),
+                                           *scales)  # [T, pairs, D] fp32
+        # A chain of elementwise adds, not a sum over dim 1: inductor fuses them into the kernel of the residual add
+        # and the next norm, where a sum is a reduction kernel of its own.
+        return functools.reduce(torch.add, pairs.unbind(1)).to(x.dtype)
     return experts_triton(x, gate_up_proj, down_proj, weights, indices, shared, fp8)
 
 
