@@ -6,7 +6,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from dsv3.ops import adamw, cross_entropy, fp8_gemm, fp8_gemv, mla_decode, mla_prepare, moe_decode  # noqa: E402
+from dsv3.ops import adamw, cross_entropy, fp8_gemm, fp8_gemv, gemv, mla_decode, mla_prepare, moe_decode  # noqa: E402
 from dsv3.ops.tuning import GEMV_TILES, INTERPRET, pdl_meta  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="under the interpreter the kernels are not compiled")
@@ -45,6 +45,12 @@ def test_mla_decode_kernels(pdl):
                   PAGE=64, PDL=pdl), num_warps=8, num_stages=2)  # as mla_decode_triton launches it
     _compile(mla_decode._mla_merge, {"PART": "*fp32", "LSE": "*fp32", "W": "*bf16", "OUT": "*bf16"},
              dict(C=512, V=128, BLOCK_S=mla_decode.MERGE_S, BLOCK_C=512, BLOCK_V=mla_decode.MERGE_V, PDL=pdl))
+
+
+@pytest.mark.parametrize("k", [2048, 4096, gemv.MAX_K])
+def test_gemv_kernel(k):
+    _compile(gemv._gemv_kernel, {"X": "*bf16", "W": "*bf16", "Y": "*bf16"},
+             dict(BLOCK_N=gemv.TILE // k, BLOCK_K=k, PDL=True))  # as gemv_triton launches it
 
 
 @pytest.mark.parametrize("block_m", [16, 64])

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..model import MLA
+from ..ops import gemv
 from ..ops.mla_decode import mla_decode, mla_decode_triton
 from ..ops.mla_prepare import prepare, prepare_triton
 
@@ -64,13 +66,12 @@ def mla_attention(mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     # kv: [P, bs, C+R] -> [1, R, D]
     cfg = mla.cfg
     h, nope = mla.n_heads, cfg.qk_nope_head_dim
-    q, latent_in = mla.projections(x)  # [1, R, H*(nope+rope)], [1, R, C+rope]
+    q, latent_in = projections(mla, x[0], step.use_triton)  # [R, H*(nope+rope)], [R, C+rope]
     w = mla.kv_b_proj.weight.view(h, nope + cfg.v_head_dim, cfg.kv_lora_rank)
     w_uk, w_uv = w[:, :nope], w[:, nope:]  # [H, nope, C], [H, v, C]
     d = step.decode_rows
     norm = mla.kv_a_layernorm
-    args = (q[0], latent_in[0], w_uk, norm.weight, norm.eps, cos[0], sin[0], cfg.rope_interleave, kv,
-            step.rows[:, SLOT], d)
+    args = (q, latent_in, w_uk, norm.weight, norm.eps, cos[0], sin[0], cfg.rope_interleave, kv, step.rows[:, SLOT], d)
     # Every row's latent into its cache slot, every row's roped q_pe, the decode rows' latent queries.
     if step.use_triton and torch.compiler.is_compiling():
         q_lat, q_pe = torch.ops.dsv3.mla_prepare(*args)  # [d, H, C], [R, H, rope]
@@ -79,14 +80,29 @@ def mla_attention(mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     if not step.prefills:
         out = absorbed(mla, q_lat, q_pe, kv, w_uv, step)
     else:
-        q_nope = q[0].unflatten(-1, (h, cfg.qk_head_dim))[..., :nope]  # [R, H, nope]
+        q_nope = q.unflatten(-1, (h, cfg.qk_head_dim))[..., :nope]  # [R, H, nope]
         out = q_nope.new_empty(q_nope.shape[0], h, cfg.v_head_dim)  # [R, H, v]
         if d:
             out[:d] = absorbed(mla, q_lat, q_pe[:d], kv, w_uv, step)
         for row, n, start, seq in step.prefills:
             pages = step.tables[seq, : -(-(start + n) // kv.shape[1])]
             out[row:row + n] = expanded(mla, q_nope[row:row + n], q_pe[row:row + n], kv, pages, start)
-    return mla.o_proj(out.flatten(1)).unsqueeze(0)
+    flat = out.flatten(1)  # [R, H*v]
+    o = mla.o_proj
+    if step.use_triton and type(o) is nn.Linear and o.bias is None and gemv.applies(flat, o.weight):
+        return gemv.gemv(flat, o.weight).unsqueeze(0)
+    return o(flat).unsqueeze(0)
+
+
+def projections(mla: MLA, x: torch.Tensor, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # x: [R, D] -> MLA.projections' q [R, H*(nope+rope)] and kv_a output [R, C+rope]; at a few rows one GEMV over
+    # the shared input weight (`ops.gemv`), which reads its weights while the previous kernel (the norm) finishes
+    w = mla.input_weight
+    if use_triton and w is not None and mla.cfg.q_lora_rank is None and gemv.applies(x, w):
+        kv_width = mla.kv_a_proj_with_mqa.out_features
+        q, kv = gemv.gemv(x, w).split([w.shape[0] - kv_width, kv_width], dim=-1)
+        return q, kv
+    return mla.projections(x)
 
 
 # The prepare kernel as an op that mutates its cache argument, for torch.compile: as a traced index_put into the

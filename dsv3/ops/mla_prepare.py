@@ -37,30 +37,20 @@ BLOCK_C = 64  # latent channels of q_lat per program: H * C / 64 programs (128 f
 KV_ROWS = 4  # cache rows normalised and roped per program
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    # x: [M, ..., R], cos and sin [M, R/2] broadcast over the middle dims: the model's apply_rope
-    if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        x1, x2 = x.chunk(2, dim=-1)
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    cos, sin = cos.reshape(shape), sin.reshape(shape)
-    x1f, x2f = x1.float(), x2.float()
-    return torch.cat([x1f * cos - x2f * sin, x2f * cos + x1f * sin], dim=-1).to(x.dtype)
-
-
 def prepare_reference(q: torch.Tensor, kv: torch.Tensor, w_uk: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                       cos: torch.Tensor, sin: torch.Tensor, interleave: bool, kv_cache: torch.Tensor,
                       slots: torch.Tensor, lat_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     # q: [M, H*(nope+R)], kv: [M, C+R], w_uk: [H, nope, C], cos/sin: [M, R/2], kv_cache: [P, bs, C+R], slots: [M]
     # -> q_lat [lat_rows, H, C], q_pe [M, H, R]; the cache written at the slots
+    from ..model import apply_rope  # the model's own rope ([B, T, H, R] with [B, T, R/2]); imports ops itself
+
     h, nope, c = w_uk.shape
     q = q.unflatten(-1, (h, -1))  # [M, H, nope+R]
-    c_kv = norm_weight * F.rms_norm(kv[:, :c].float(), (c,), eps=eps).to(kv.dtype)
-    latents = torch.cat([c_kv, _rope(kv[:, c:], cos, sin, interleave)], dim=-1)  # [M, C+R]
-    kv_cache.view(-1, kv_cache.shape[-1])[slots] = latents
+    c_kv = norm_weight * F.rms_norm(kv[:, :c].float(), (c,), eps=eps).to(kv.dtype)  # RMSNorm's roundings
+    k_pe = apply_rope(kv[None, :, None, c:], cos[None], sin[None], interleave)[0, :, 0]
+    kv_cache.view(-1, kv_cache.shape[-1])[slots] = torch.cat([c_kv, k_pe], dim=-1)  # [M, C+R] into the slots
     q_lat = torch.bmm(q[:lat_rows, :, :nope].transpose(0, 1), w_uk).transpose(0, 1)  # [lat_rows, H, C]
-    return q_lat, _rope(q[..., nope:], cos, sin, interleave)
+    return q_lat, apply_rope(q[None, ..., nope:], cos[None], sin[None], interleave)[0]
 
 
 def prepare(q: torch.Tensor, kv: torch.Tensor, w_uk: torch.Tensor, norm_weight: torch.Tensor, eps: float,
