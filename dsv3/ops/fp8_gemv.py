@@ -10,7 +10,8 @@ one weight tile run together, so the weight comes from HBM once and from L2 for 
 
 The same kernel for bf16 weights (a decode step's projections and router, and MLA's absorbed per-head products)
 lost to cuBLAS on the 16b model even with programmatic dependent launch (0.94-1.01x, docs/benchmarks.md, session
-14), so only FP8 checkpoints take it.
+14), so only FP8 checkpoints take it; bf16 attention projections take `ops.gemv`, which reads its weights before
+it waits for the previous kernel.
 """
 
 from __future__ import annotations

@@ -137,9 +137,13 @@ if triton is not None:
                     INTERPRETED: tl.constexpr, PDL: tl.constexpr):
         cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
         offs_n = tl.arange(0, BLOCK_NOPE)
-        # The weight tile does not depend on the previous kernel: read it before waiting for that.
-        w = tl.load(WUK + head * stride_wh + offs_n[:, None] * stride_wn + cols[None, :],
-                    mask=(offs_n < NOPE)[:, None] & (cols < C)[None, :], other=0.0)  # [BLOCK_NOPE, BLOCK_C]
+        # The weight tile does not depend on the previous kernel: read it before waiting for that (and only for a
+        # block of decode rows: prefill rows need no latent query).
+        if m0 < LAT_ROWS:
+            w = tl.load(WUK + head * stride_wh + offs_n[:, None] * stride_wn + cols[None, :],
+                        mask=(offs_n < NOPE)[:, None] & (cols < C)[None, :], other=0.0)  # [BLOCK_NOPE, BLOCK_C]
+        else:
+            w = tl.zeros([BLOCK_NOPE, BLOCK_C], dtype=WUK.dtype.element_ty)
         pdl_prologue(PDL)
         rows = m0 + tl.arange(0, BLOCK_M)
         if m0 < LAT_ROWS:
