@@ -84,11 +84,11 @@ def prepare_triton(q: torch.Tensor, kv: torch.Tensor, w_uk: torch.Tensor, norm_w
     c_tiles = triton.cdiv(c, BLOCK_C)
     grid = (h * c_tiles + triton.cdiv(block_m, KV_ROWS), triton.cdiv(m, block_m))
     _prepare[grid](q, kv, w_uk, norm_weight, cos, sin, kv_cache, slots, q_lat, q_pe, m, lat_rows, float(eps),
-                   q.stride(0), kv.stride(0), w_uk.stride(0), w_uk.stride(1), cos.stride(0),
-                   slots.stride(0), h,
+                   q.stride(0), kv.stride(0), w_uk.stride(0), w_uk.stride(1), cos.stride(0), slots.stride(0), h,
                    C=c, NOPE=nope, R=r, INTERLEAVE=interleave, BLOCK_M=block_m, BLOCK_C=BLOCK_C,
                    BLOCK_NOPE=max(16, triton.next_power_of_2(nope)), BLOCK_CF=triton.next_power_of_2(c),
-                   BLOCK_HR=triton.next_power_of_2(r // 2), KV_ROWS=KV_ROWS, INTERPRETED=INTERPRET, num_warps=4, **pdl_meta(q.device))
+                   BLOCK_HR=triton.next_power_of_2(r // 2), KV_ROWS=KV_ROWS, INTERPRETED=INTERPRET,
+                   num_warps=4, **pdl_meta(q.device))
     return q_lat, q_pe
 
 
