@@ -12,7 +12,7 @@ same GEMM (one group per expert, the rows sorted by `Experts.forward`'s dispatch
 through the fused expert kernels, which scale each FP8 weight by its block's scale as they read it. That halves
 the memory of the part of the model that dominates it (the experts are ~95% of DeepSeek-V3's weights) and the
 bytes a decode step reads from it. Activations are quantised per token for the GEMMs, not for the decode kernels
-(bf16 activations times FP8 weights there); at up to `fp8_gemv.MAX_ROWS` rows the linear layers too take such a
+(bf16 activations times FP8 weights there); at up to `gemv.MAX_ROWS` rows the linear layers too take such a
 kernel, a block-scaled W8A16 GEMV, instead of quantising a few rows for a GEMM. Where the FP8 kernels cannot run,
 the same numerics are emulated (quantise, dequantise, matmul), which the CPU tests use; the default there is to
 dequantise at load instead.

@@ -49,21 +49,19 @@ def test_under_the_triton_interpreter():
 
 
 def _inputs(m, h, nope, c, r, dtype, gen):
-    # q and kv as column slices of one projection output and the slots as a strided column, the engine's layouts
-    both = torch.randn(m, h * (nope + r) + c + r, generator=gen)
-    q, kv = both.split([h * (nope + r), c + r], dim=-1)
-    w_uk = (torch.randn(h, nope + 5, c, generator=gen) / nope ** 0.5)[:, :nope]  # a view of kv_b_proj's weight
+    # q and kv as column slices of one projection output, W_UK a view of kv_b_proj's weight and the slots a strided
+    # column: the engine's layouts, made on the device in `dtype` before slicing so that they stay views
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    q, kv = draw(m, h * (nope + r) + c + r).split([h * (nope + r), c + r], dim=-1)
+    w_uk = (draw(h, nope + 5, c) / nope ** 0.5)[:, :nope]
     angles = torch.rand(m, r // 2, generator=gen) * 20
-    rope = torch.cat([angles.cos(), angles.sin()], dim=-1)  # cos then sin, as the engine's table
-    cos, sin = rope.chunk(2, dim=-1)
-    slots = torch.stack([torch.randperm(16 * 8, generator=gen)[:m], torch.zeros(m, dtype=torch.long)], 1)[:, 0]
-    norm_weight = 1 + 0.1 * torch.randn(c, generator=gen)
-    cache = torch.zeros(16, 8, c + r)
-    tensors = [q, kv, w_uk, norm_weight, cos, sin, cache, slots]
-    on = [t.to(DEVICE, dtype if t.is_floating_point() and t is not cos and t is not sin else t.dtype)
-          for t in tensors]
-    q, kv, w_uk, norm_weight, cos, sin, cache, slots = on
-    return q, kv, w_uk, norm_weight, 1e-6, cos, sin, cache, slots
+    cos, sin = torch.cat([angles.cos(), angles.sin()], dim=-1).to(DEVICE).chunk(2, dim=-1)  # the engine's fp32 table
+    slots = torch.stack([torch.randperm(16 * 8, generator=gen)[:m], torch.zeros(m, dtype=torch.long)], 1)
+    norm_weight = 1 + 0.1 * draw(c)
+    cache = torch.zeros(16, 8, c + r, device=DEVICE, dtype=dtype)
+    return q, kv, w_uk, norm_weight, 1e-6, cos, sin, cache, slots.to(DEVICE)[:, 0]
 
 
 @kernel

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..fp8 import BLOCK, dequantize_blocks
-from .tuning import INTERPRET, autotuned, fixed_meta, gemv_configs, pdl_meta
+from .gemv import MAX_ROWS, decode_rows  # noqa: F401 (MAX_ROWS: the row limit this GEMV serves up to)
+from .tuning import autotuned, fixed_meta, gemv_configs, pdl_meta
 
 try:
     import triton
@@ -27,13 +28,10 @@ try:
 except ImportError:  # CPU-only installs: the FP8 GEMM path (or its emulation) serves
     triton = None
 
-MAX_ROWS = 4  # rows up to which a decode step takes the GEMV: each more row re-reads the weight from L2
-
 
 def applies(x: torch.Tensor) -> bool:
-    """Whether x [M, K] takes the GEMV: few bf16/fp16 rows, Triton on CUDA (or its interpreter), no autograd."""
-    return (triton is not None and (x.is_cuda or INTERPRET) and 0 < x.shape[0] <= MAX_ROWS
-            and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled())
+    """Whether x [M, K] takes the GEMV: the decode rows of `gemv.decode_rows` (at most MAX_ROWS)."""
+    return decode_rows(x)
 
 
 def fp8_gemv_reference(x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, n: int) -> torch.Tensor:

@@ -23,17 +23,22 @@ try:
 except ImportError:  # CPU-only installs: F.linear serves
     triton = None
 
-MAX_ROWS = 4  # rows up to which the GEMV serves: each more row re-reduces the held weights
+MAX_ROWS = 4  # rows up to which a decode GEMV serves (this one and `fp8_gemv`): each more row re-reads the weights
 TILE = 16384  # weight elements a program holds: 32 KB of bf16, 64 registers a thread at 4 warps
 MAX_K = TILE  # at least one whole row per program
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x [M, K] @ weight [N, K]^T takes the GEMV: few bf16/fp16 rows, Triton on CUDA (or its interpreter), a
-    contiguous weight of x's dtype no wider than MAX_K, no autograd."""
+def decode_rows(x: torch.Tensor) -> bool:
+    """Whether x [M, K] is what the decode GEMVs take: at most MAX_ROWS bf16/fp16 rows, Triton on CUDA (or its
+    interpreter), no autograd (they have no backward)."""
     return (triton is not None and (x.is_cuda or INTERPRET) and 0 < x.shape[0] <= MAX_ROWS
-            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and weight.is_contiguous()
-            and weight.shape[1] <= MAX_K and not torch.is_grad_enabled())
+            and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled())
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x [M, K] @ weight [N, K]^T takes this GEMV: `decode_rows`, and a contiguous weight of x's dtype no
+    wider than MAX_K."""
+    return decode_rows(x) and weight.dtype == x.dtype and weight.is_contiguous() and weight.shape[1] <= MAX_K
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..model import apply_rope  # the reference applies the model's own rope ([B, T, H, R] with [B, T, R/2])
 from .tuning import INTERPRET, pdl_meta
 
 try:
@@ -42,8 +43,6 @@ def prepare_reference(q: torch.Tensor, kv: torch.Tensor, w_uk: torch.Tensor, nor
                       slots: torch.Tensor, lat_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     # q: [M, H*(nope+R)], kv: [M, C+R], w_uk: [H, nope, C], cos/sin: [M, R/2], kv_cache: [P, bs, C+R], slots: [M]
     # -> q_lat [lat_rows, H, C], q_pe [M, H, R]; the cache written at the slots
-    from ..model import apply_rope  # the model's own rope ([B, T, H, R] with [B, T, R/2]); imports ops itself
-
     h, nope, c = w_uk.shape
     q = q.unflatten(-1, (h, -1))  # [M, H, nope+R]
     c_kv = norm_weight * F.rms_norm(kv[:, :c].float(), (c,), eps=eps).to(kv.dtype)  # RMSNorm's roundings
