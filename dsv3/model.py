@@ -394,11 +394,10 @@ class MoE(nn.Module):
 
     def fused(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing, torch.Tensor]:
         # x: [N, D] -> as `general`, through the decode kernels (see decode_path for when they apply)
-        weights, indices, scores, load = moe_decode.gate_route(x, self.gate.weight, self.gate.e_score_correction_bias,
-                                                               self.gate.spec)
         # The shared experts are always-on experts: the same kernels run them, as pairs of weight 1.
         gate_up, down, fp8 = self.experts.decode_weights(x.dtype)
-        y = moe_decode.experts(x, gate_up, down, weights, indices, self.shared_weights(), fp8)
+        y, weights, indices, scores, load = moe_decode.layer(x, self.gate.weight, self.gate.e_score_correction_bias,
+                                                             self.gate.spec, gate_up, down, self.shared_weights(), fp8)
         return y, Routing(weights, indices, scores), load
 
 

@@ -93,7 +93,7 @@ def test_expert_kernels(fp8, tile, pdl):
     weight = "*fp8e4nv" if fp8 else "*bf16"
     _compile(moe_decode._gate_up_kernel,
              {"X": "*bf16", "W": weight, "WS": "*fp32", "SG": "*bf16", "SU": "*bf16", "IDX": "*i64", "H": "*bf16"},
-             dict(K=8, NS=1, FP8=fp8, BLOCK_I=rows, BLOCK_D=cols, PDL=pdl), warps, stages)
+             dict(K=8, NS=1, FP8=fp8, X_SETTLED=pdl, BLOCK_I=rows, BLOCK_D=cols, PDL=pdl), warps, stages)
     _compile(moe_decode._down_kernel,
              {"H": "*bf16", "W": weight, "WS": "*fp32", "SD": "*bf16", "IDX": "*i64", "WTS": "*fp32", "Y": "*fp32"},
              dict(K=8, NS=1, FP8=fp8, BLOCK_D=rows, BLOCK_I=cols, PDL=pdl), warps, stages)

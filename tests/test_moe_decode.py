@@ -175,24 +175,49 @@ def test_fp8_experts_kernel(n_shared, t, d, inter):
     assert ((got.float() - exact).norm() / exact.norm()).item() < 0.1  # e4m3 weights, bf16 activations
 
 
+def _layer_inputs(n_shared: int, t: int = 5, dtype=torch.float32, fp8: bool = False):
+    """A routing case and experts of its width: (x, gate, gate weight, spec, gate_up, down, shared, FP8 scales)."""
+    gate, x = _route_inputs("noaux_tc 4 groups", t)
+    _, gate_up, down, _, _, shared = _experts_inputs(t, e=16, d=gate.cfg.hidden_size, inter=48, k=4,
+                                                     n_shared=n_shared, dtype=dtype)
+    stacks = None
+    if fp8:
+        gate_up, down, stacks = fp8_stacks(gate_up, down)
+    return x.to(dtype), gate, RouteSpec.from_config(gate.cfg), gate_up, down, shared, stacks
+
+
+@interpreted
+@torch.no_grad()
+@pytest.mark.parametrize("n_shared", [0, 2])
+@pytest.mark.parametrize("t", [1, 5])
+def test_layer_matches_the_references(t, n_shared):
+    # Routing then experts, the shared MLP's programs launched first (and, compiled, before their wait).
+    x, gate, spec, gate_up, down, shared, _ = _layer_inputs(n_shared, t)
+    bias = gate.e_score_correction_bias
+    y, weights, indices, scores, counts = moe_decode.layer(x, gate.weight, bias, spec, gate_up, down, shared)
+    want = route_reference(gate.logits(x), bias, spec)
+    assert torch.equal(indices, want[1]) and torch.equal(counts, want[3])
+    torch.testing.assert_close(weights, want[0])
+    torch.testing.assert_close(scores, want[2])
+    torch.testing.assert_close(y, experts_reference(x, gate_up, down, want[0], want[1], shared), atol=1e-5,
+                               rtol=1e-5)
+
+
 @interpreted
 @torch.no_grad()
 @pytest.mark.parametrize("n_shared", [0, 2])
 def test_kernel_custom_ops_compile(n_shared):
-    # torch.compile sees the custom ops (shapes from their fake kernels) and runs the kernels behind them.
-    gate, x = _route_inputs("noaux_tc 4 groups", 5)
-    spec = RouteSpec.from_config(gate.cfg)
-    logits, bias = gate.logits(x), gate.e_score_correction_bias
-    _, gate_up, down, _, _, shared = _experts_inputs(5, e=16, d=gate.cfg.hidden_size, inter=48, k=4,
-                                                     n_shared=n_shared)
+    # torch.compile sees the custom op (shapes from its fake kernel) and runs the kernels behind it.
+    x, gate, spec, gate_up, down, shared, _ = _layer_inputs(n_shared)
+    bias = gate.e_score_correction_bias
 
     def layer(x):
-        weights, indices, scores, counts = moe_decode.gate_route(x, gate.weight, bias, spec)
-        return moe_decode.experts(x, gate_up, down, weights, indices, shared), counts
+        y, _, _, _, counts = moe_decode.layer(x, gate.weight, bias, spec, gate_up, down, shared)
+        return y, counts
 
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     y, counts = compiled(x)
-    weights, indices, _, expected_counts = route_reference(logits, bias, spec)
+    weights, indices, _, expected_counts = route_reference(gate.logits(x), bias, spec)
     torch.testing.assert_close(y, experts_reference(x, gate_up, down, weights, indices, shared), atol=1e-5,
                                rtol=1e-5)
     assert torch.equal(counts, expected_counts)
@@ -200,31 +225,25 @@ def test_kernel_custom_ops_compile(n_shared):
 
 @interpreted
 @pytest.mark.parametrize("name", list(ROUTINGS))
-def test_routing_ops_fakes_match_the_kernel(name):
-    # The shapes torch.compile plans with for the routing ops against what the kernel returns.
+def test_select_op_fake_matches_the_kernel(name):
+    # The shapes torch.compile plans with for the routing op against what the kernel returns.
     gate, x = _route_inputs(name, 5)
     spec, logits, bias = RouteSpec.from_config(gate.cfg), gate.logits(x), gate.e_score_correction_bias
-    check = dict(test_utils="test_faketensor")
-    torch.library.opcheck(torch.ops.dsv3.moe_gate_route, (x, gate.weight, bias, spec.top_k, spec.n_group,
-                                                          spec.topk_group, spec.group_top2, spec.softmax, spec.norm,
-                                                          spec.scale), **check)
     torch.library.opcheck(torch.ops.dsv3.moe_select, (logits.sigmoid(), bias, spec.top_k, spec.n_group,
-                                                      spec.topk_group, spec.group_top2), **check)
+                                                      spec.topk_group, spec.group_top2), test_utils="test_faketensor")
 
 
 @interpreted
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("n_shared", [0, 2])
-def test_experts_op_fake_matches_the_kernels(n_shared, fp8):
+def test_layer_op_fake_matches_the_kernels(n_shared, fp8):
     # The shapes torch.compile plans with (the op's fake kernel) against what the kernels return.
-    x, gate_up, down, weights, indices, shared = _experts_inputs(3, e=16, d=96, inter=80, k=4, n_shared=n_shared,
-                                                                 dtype=torch.bfloat16, seed=0)
-    scales = (None, None, 0)
-    if fp8:
-        gate_up, down, stacks = fp8_stacks(gate_up, down)
-        scales = (stacks.gate_up_scale_inv, stacks.down_scale_inv, stacks.inter)
-    torch.library.opcheck(torch.ops.dsv3.moe_experts,
-                          (x, gate_up, down, weights, indices, *(shared or (None,) * 3), *scales),
+    x, gate, spec, gate_up, down, shared, stacks = _layer_inputs(n_shared, 3, torch.bfloat16, fp8)
+    scales = (None, None, 0) if stacks is None else (stacks.gate_up_scale_inv, stacks.down_scale_inv, stacks.inter)
+    torch.library.opcheck(torch.ops.dsv3.moe_layer,
+                          (x, gate.weight, gate.e_score_correction_bias, spec.top_k, spec.n_group, spec.topk_group,
+                           spec.group_top2, spec.softmax, spec.norm, spec.scale, gate_up, down,
+                           *(shared or (None,) * 3), *scales),
                           test_utils="test_faketensor")  # opcheck's other checks do arithmetic e4m3 lacks on a CPU
 
 

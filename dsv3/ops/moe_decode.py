@@ -20,7 +20,7 @@ bandwidth, and the shared experts' MLP a few more launches. Here the layer is th
   path, and the choice is made on the very same fp32 scores, so it is the plain path's too (up to exact ties,
   which go to the lower index here). It replaces three torch.topk calls, the group mask and `Experts.forward`'s
   scatter_add counts with one launch, and writes no scores or weights.
-- `experts`: two GEMV kernels that read only the chosen experts' weights, along their contiguous reduction dim.
+- `experts` (`layer` runs them after `gate_route`): two GEMV kernels that read only the chosen experts' weights, along their contiguous reduction dim.
   gate/up: a program per (token-expert pair, tile of I) computes silu(x . Wg[i]) * (x . Wu[i]); down: a program per
   (pair, tile of D) writes its output times the routing weight in fp32, and a sum over each token's pairs follows
   (no atomics: the result does not depend on scheduling); under torch.compile it is a chain of adds, which inductor
@@ -35,9 +35,14 @@ bandwidth, and the shared experts' MLP a few more launches. Here the layer is th
   decode step reads half the expert bytes; the activations stay bf16.
 - A GEMV re-reads an expert once per token that chose it, so the fused path pays off while T * K <= E (`fits`);
   above that the grouped GEMM reads each expert once for all its tokens.
+- Overlap under programmatic dependent launch (`tuning`): what a kernel reads that the kernel just before it did not
+  write, it reads before waiting for that kernel. The router reads its first slice of the gate weight; gate/up's
+  shared-MLP programs, launched first, compute their whole output from x (the router's input too) while the
+  router runs, a few programs on an otherwise idle GPU, and store it after the wait; down finds its experts and
+  routing weights and asks L2 for its weight rows.
 - Graph-safe: shapes are static, nothing syncs with the host. Under torch.compile the kernels are the opaque custom
-  ops `dsv3::moe_gate_route`, `dsv3::moe_select` and `dsv3::moe_experts` (the compiler sees declared output
-  shapes, not a launch).
+  ops `dsv3::moe_layer` (routing and experts: one op, so that no kernel can come between them and write x) and
+  `dsv3::moe_select` (the compiler sees declared output shapes, not a launch).
 - Tile sizes of the expert kernels are autotuned per shape and pair count among a few configurations chosen for
   Hopper bandwidth (a few hundred programs, 16-byte loads); the first call of each shape benchmarks them, so warm
   up before capturing a graph. Under the Triton interpreter the first configuration runs.
@@ -273,10 +278,11 @@ def experts_triton(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch
 
 
 def expert_parts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
-                 indices: torch.Tensor, shared: SharedWeights | None = None, fp8: Fp8Experts | None = None
-                 ) -> torch.Tensor:
+                 indices: torch.Tensor, shared: SharedWeights | None = None, fp8: Fp8Experts | None = None,
+                 x_settled: bool = False) -> torch.Tensor:
     """The two kernels of experts_triton: each token's K + NS pairs (routed experts times their weights, then the
-    shared MLP's slices) -> [T, K + NS, D] fp32, which the caller sums."""
+    shared MLP's slices) -> [T, K + NS, D] fp32, which the caller sums. x_settled: x was not written by the kernel
+    launched just before (see _gate_up_kernel; `layer_triton` knows it is so)."""
     if triton is None:
         raise RuntimeError("the fused expert kernels need the triton package")
     t, d = x.shape
@@ -302,9 +308,9 @@ def expert_parts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
     # order), the NS after them the shared MLP's I-wide slices, at weight 1. Every pair is the same amount of work.
     pairs = t * (k + ns)
     h = x.new_empty(pairs, inter)  # [T*(K+NS), I]
-    _gate_up_kernel[lambda meta: (pairs, triton.cdiv(inter, meta["BLOCK_I"]))](
+    _gate_up_kernel[lambda meta: (pairs * triton.cdiv(inter, meta["BLOCK_I"]),)](
         x, gate_up_proj, gu_scale, s_gate, s_up, indices, h, x.stride(0), d, inter, up_row, gu_stride, pairs,
-        K=k, NS=ns, FP8=fp8 is not None, **fixed_meta(_GATE_UP_CONFIGS), **pdl_meta(x.device))
+        K=k, NS=ns, FP8=fp8 is not None, X_SETTLED=x_settled, **fixed_meta(_GATE_UP_CONFIGS), **pdl_meta(x.device))
     part = x.new_empty(pairs, d, dtype=torch.float32)  # [T*(K+NS), D]: each pair's output times its weight
     _down_kernel[lambda meta: (pairs, triton.cdiv(d, meta["BLOCK_D"]))](
         h, down_proj, down_scale, s_down, indices, weights, part, d, inter, down_proj.shape[1], down_stride, pairs,
@@ -312,22 +318,18 @@ def expert_parts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
     return part.view(t, k + ns, d)
 
 
+def layer_triton(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec,
+                 gate_up_proj: torch.Tensor, down_proj: torch.Tensor, shared: SharedWeights | None = None,
+                 fp8: Fp8Experts | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gate_route_triton, then expert_parts -> (pairs [T, K + NS, D] fp32, weights, indices, scores, counts)."""
+    weights, indices, scores, counts = gate_route_triton(x, gate_weight, bias, spec)
+    # The routing kernel reads x too, so whatever wrote x finished before the expert kernels could start.
+    pairs = expert_parts(x, gate_up_proj, down_proj, weights, indices, shared, fp8, x_settled=True)
+    return pairs, weights, indices, scores, counts
+
+
 # ---- custom ops: what torch.compile sees (see the module docstring) ----------------------------------------------
-@torch.library.custom_op("dsv3::moe_gate_route", mutates_args=())
-def _gate_route_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int,
-                   topk_group: int, group_top2: bool, softmax: bool, norm: bool, scale: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gate_route_triton(x, weight, bias, RouteSpec(top_k, n_group, topk_group, group_top2, softmax, norm, scale))
-
-
-@_gate_route_op.register_fake
-def _(x, weight, bias, top_k, n_group, topk_group, group_top2, softmax, norm, scale):
-    t, e = x.shape[0], weight.shape[0]
-    logits = x.new_empty(t, e, dtype=torch.float32)
-    return (logits.new_empty(t, top_k), logits.new_empty(t, top_k, dtype=torch.int64), logits,
-            logits.new_empty(e, dtype=torch.int64))
-
-
 @torch.library.custom_op("dsv3::moe_select", mutates_args=())
 def _select_op(scores: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
                group_top2: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,35 +343,30 @@ def _(scores, bias, top_k, n_group, topk_group, group_top2):
     return scores.new_empty(t, top_k, dtype=torch.int64), scores.new_empty(e, dtype=torch.int64)
 
 
-@torch.library.custom_op("dsv3::moe_experts", mutates_args=())
-def _experts_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
-                indices: torch.Tensor, shared_gate: torch.Tensor | None, shared_up: torch.Tensor | None,
-                shared_down: torch.Tensor | None, gate_up_scale_inv: torch.Tensor | None,
-                down_scale_inv: torch.Tensor | None, inter: int) -> torch.Tensor:
+@torch.library.custom_op("dsv3::moe_layer", mutates_args=())
+def _layer_op(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int,
+              topk_group: int, group_top2: bool, softmax: bool, norm: bool, scale: float, gate_up_proj: torch.Tensor,
+              down_proj: torch.Tensor, shared_gate: torch.Tensor | None, shared_up: torch.Tensor | None,
+              shared_down: torch.Tensor | None, gate_up_scale_inv: torch.Tensor | None,
+              down_scale_inv: torch.Tensor | None, inter: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # The pairs' outputs, summed by the caller's compiled graph: the sum and cast fuse there with what follows
     # (the residual add) instead of taking launches of their own.
+    spec = RouteSpec(top_k, n_group, topk_group, group_top2, softmax, norm, scale)
     shared = None if shared_gate is None else (shared_gate, shared_up, shared_down)
     fp8 = None if gate_up_scale_inv is None else Fp8Experts(gate_up_scale_inv, down_scale_inv, inter)
-    return expert_parts(x, gate_up_proj, down_proj, weights, indices, shared, fp8)
+    return layer_triton(x, gate_weight, bias, spec, gate_up_proj, down_proj, shared, fp8)
 
 
-@_experts_op.register_fake
-def _(x, gate_up_proj, down_proj, weights, indices, shared_gate, shared_up, shared_down, gate_up_scale_inv,
-      down_scale_inv, inter):
-    inter = down_proj.shape[-1] if gate_up_scale_inv is None else inter  # as experts_triton reads it
+@_layer_op.register_fake
+def _(x, gate_weight, bias, top_k, n_group, topk_group, group_top2, softmax, norm, scale, gate_up_proj, down_proj,
+      shared_gate, shared_up, shared_down, gate_up_scale_inv, down_scale_inv, inter):
+    t, e = x.shape[0], gate_weight.shape[0]
+    inter = down_proj.shape[-1] if gate_up_scale_inv is None else inter  # as expert_parts reads it
     n_shared = 0 if shared_down is None else shared_down.shape[1] // inter
-    return x.new_empty((x.shape[0], indices.shape[1] + n_shared, x.shape[1]), dtype=torch.float32)
-
-
-def gate_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused routing kernel, for decode batches: x [T, D] and the gate's weight [E, D] -> (weights [T, K] fp32,
-    indices [T, K] int64, scores [T, E] fp32, tokens per expert [E] int64), as `Gate.forward` and
-    `Experts.forward` would give them from the fp32 logits x @ weight^T."""
-    if torch.compiler.is_compiling():
-        return torch.ops.dsv3.moe_gate_route(x, weight, bias, spec.top_k, spec.n_group, spec.topk_group,
-                                             spec.group_top2, spec.softmax, spec.norm, spec.scale)
-    return gate_route_triton(x, weight, bias, spec)
+    scores = x.new_empty(t, e, dtype=torch.float32)
+    return (x.new_empty((t, top_k + n_shared, x.shape[1]), dtype=torch.float32), scores.new_empty(t, top_k),
+            scores.new_empty(t, top_k, dtype=torch.int64), scores, scores.new_empty(e, dtype=torch.int64))
 
 
 def select(scores: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,23 +377,28 @@ def select(scores: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec) -> 
     return select_triton(scores, bias, spec)
 
 
-def experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
-            indices: torch.Tensor, shared: SharedWeights | None = None, fp8: Fp8Experts | None = None) -> torch.Tensor:
-    """The fused expert kernels: x [T, D] through the chosen experts (bf16/fp16 stacks in x's dtype, or FP8 stacks
-    with `fp8`), weighted and summed, plus the shared experts' MLP when given -> [T, D] in x.dtype."""
+def layer(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec,
+          gate_up_proj: torch.Tensor, down_proj: torch.Tensor, shared: SharedWeights | None = None,
+          fp8: Fp8Experts | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A MoE layer at decode batch sizes, three launches and a sum: x [T, D], the gate's weight [E, D] and the
+    experts (bf16/fp16 stacks in x's dtype, or FP8 stacks with `fp8`; the shared experts' MLP when given) ->
+    (y [T, D] in x.dtype, then as `gate_route_triton`: weights, indices, scores, tokens per expert)."""
     if torch.compiler.is_compiling():
         scales = (None, None, 0) if fp8 is None else (fp8.gate_up_scale_inv, fp8.down_scale_inv, fp8.inter)
-        pairs = torch.ops.dsv3.moe_experts(x, gate_up_proj, down_proj, weights, indices, *(shared or (None,) * 3),
-                                           *scales)  # [T, pairs, D] fp32
+        pairs, *routing = torch.ops.dsv3.moe_layer(
+            x, gate_weight, bias, spec.top_k, spec.n_group, spec.topk_group, spec.group_top2, spec.softmax,
+            spec.norm, spec.scale, gate_up_proj, down_proj, *(shared or (None,) * 3), *scales)  # [T, pairs, D] fp32
         # A chain of elementwise adds, not a sum over dim 1: inductor fuses them into the kernel of the residual add
         # and the next norm, where a sum is a reduction kernel of its own.
-        return functools.reduce(torch.add, pairs.unbind(1)).to(x.dtype)
-    return experts_triton(x, gate_up_proj, down_proj, weights, indices, shared, fp8)
+        return functools.reduce(torch.add, pairs.unbind(1)).to(x.dtype), *routing
+    pairs, *routing = layer_triton(x, gate_weight, bias, spec, gate_up_proj, down_proj, shared, fp8)
+    return pairs.sum(dim=1).to(x.dtype), *routing
 
 
 # ---- kernels -----------------------------------------------------------------------------------------------------
 if triton is not None:
-    from .tuning import pdl_prologue
+    from .tuning import pdl_prologue, prefetch_rows
 
     @triton.jit
     def _select_kernel(X, BIAS, INDICES, COUNTS, T, E: tl.constexpr, G: tl.constexpr, PG: tl.constexpr,
@@ -419,20 +421,25 @@ if triton is not None:
         # Program p: the fp32 logits of experts [p * BLOCK_E, +BLOCK_E) for all T tokens (x [T, D] in its dtype,
         # the gate weight W [E, D], products in fp32), into LOGITS [T, E]. The program that arrives last (ARRIVED
         # counts them; it resets it to 0 for the next launch) then routes all the tokens from LOGITS.
-        pdl_prologue(PDL)
         ex = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
         tok = tl.arange(0, BLOCK_T)
         emask = ex < E
         tmask = tok < T
+        # The gate weight is no kernel's output: its first slice is read before waiting for the previous kernel,
+        # each next one during the current step (the last step's load is masked off entirely).
+        cols = tl.arange(0, BLOCK_D)
+        w = tl.load(W + ex[:, None] * D + cols[None, :], mask=emask[:, None] & (cols < D)[None, :],
+                    other=0.0).to(tl.float32)  # [BLOCK_E, BLOCK_D]
+        pdl_prologue(PDL)
         acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
-            cmask = cols < D
-            x = tl.load(X + tok[:, None] * stride_x + cols[None, :], mask=tmask[:, None] & cmask[None, :],
+            x = tl.load(X + tok[:, None] * stride_x + cols[None, :], mask=tmask[:, None] & (cols < D)[None, :],
                         other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_D]
-            w = tl.load(W + ex[:, None] * D + cols[None, :], mask=emask[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)  # [BLOCK_E, BLOCK_D]
             acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+            cols += BLOCK_D
+            w = tl.load(W + ex[:, None] * D + cols[None, :], mask=emask[:, None] & (cols < D)[None, :],
+                        other=0.0).to(tl.float32)
         tl.store(LOGITS + tok[:, None] * E + ex[None, :], acc, mask=tmask[:, None] & emask[None, :])
         # Every thread's stores are issued before the arrival; acq_rel publishes them to, and in the last program
         # makes the others' visible to, the loads below (which skip L1: it is not coherent across SMs).
@@ -556,23 +563,38 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_kernel(X, W, WS, SG, SU, IDX, H, stride_x, D, I, UP, WD, n_pairs, K: tl.constexpr,
-                        NS: tl.constexpr, FP8: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PDL: tl.constexpr):
-        # Program (pair, tile): rows [tile * BLOCK_I, +BLOCK_I) of the gate and of the up projection of one pair's
-        # expert (pairs as in `experts_triton`). Pairs vary fastest, so the programs reading one weight tile for
-        # several tokens (an expert they all chose, the shared MLP) run together and mostly hit L2. A routed
-        # expert's stack holds gate rows from 0 and up rows from UP, WD elements apart (I and D for bf16; the
-        # padded Ip and Dp for FP8, whose weights are scaled by their 128x128 block's scale as they are loaded).
+                        NS: tl.constexpr, FP8: tl.constexpr, X_SETTLED: tl.constexpr, BLOCK_I: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+        # Program p: rows [tile * BLOCK_I, +BLOCK_I) of the gate and of the up projection of one pair's expert
+        # (pairs as in `experts_triton`). The shared MLP's programs come first, then the routed experts', pairs
+        # varying fastest within each, so the programs reading one weight tile for several tokens (an expert they
+        # all chose, the shared MLP) run together and mostly hit L2. A routed expert's stack holds gate rows from 0
+        # and up rows from UP, WD elements apart (I and D for bf16; the padded Ip and Dp for FP8, whose weights are
+        # scaled by their 128x128 block's scale as they are loaded).
+        # X_SETTLED: x was written before the previous kernel ran (it is the routing kernel's input too), so the
+        # shared MLP's programs, which need nothing the routing writes, compute before waiting for it and only
+        # store after (their output may reuse memory the routing kernel still reads); launched first, they overlap
+        # the routing, a few programs on an otherwise idle GPU.
         # The two branches call the row loop separately: an FP8 stack and the bf16 shared MLP are pointers of
         # different types, which the compiler will not merge into one variable.
-        pdl_prologue(PDL)
-        pair = tl.program_id(0)
-        tok = pair // (K + NS)
-        slot = pair % (K + NS)
-        rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        pid = tl.program_id(0)
+        tokens = n_pairs // (K + NS)
+        shared_programs = tokens * NS * tl.cdiv(I, BLOCK_I)
+        if pid < shared_programs:
+            tile = pid // (tokens * NS)
+            tok = pid % (tokens * NS) // NS
+            slot = K + pid % NS
+        else:
+            q = pid - shared_programs
+            tile = q // (tokens * K)
+            tok = q % (tokens * K) // K
+            slot = q % K
+        pair = tok * (K + NS) + slot
+        rows = tile * BLOCK_I + tl.arange(0, BLOCK_I)
         rmask = rows < I
         x_row = X + tok * stride_x
-        if slot < K:  # a routed expert of the stack
+        if slot < K:  # a routed expert of the stack: chosen by the previous kernel
+            pdl_prologue(PDL)
             expert = tl.load(IDX + tok * K + slot).to(tl.int64)
             w_gate = W + expert * 2 * UP * WD + rows[:, None] * WD  # [BLOCK_I, 1] row starts
             # its FP8 block scales ([E, 2UP/128, WD/128]): gate rows', then up rows'
@@ -580,9 +602,13 @@ if triton is not None:
             gate, up = _gate_up_rows(x_row, w_gate, w_gate + UP * WD, s_gate, s_gate + (UP // 128) * (WD // 128),
                                      rmask, D, FP8, BLOCK_I, BLOCK_D)
         else:  # I-wide slice slot - K of the shared MLP: its rows of gate_proj and up_proj [NS * I, D]
+            if not X_SETTLED:
+                pdl_prologue(PDL)
             first = (slot - K).to(tl.int64) * I * D
             gate, up = _gate_up_rows(x_row, SG + first + rows[:, None] * D, SU + first + rows[:, None] * D, WS, WS,
                                      rmask, D, False, BLOCK_I, BLOCK_D)
+            if X_SETTLED:
+                pdl_prologue(PDL)
         h = gate * tl.sigmoid(gate) * up  # silu(gate) * up
         tl.store(H + pair * I + rows, h.to(H.dtype.element_ty), mask=rmask)
 
@@ -610,8 +636,9 @@ if triton is not None:
         # shared MLP's slices), in fp32; the launcher sums each token's K + NS pairs. A program per pair rather than
         # per token: at T = 1 the 16b shapes give K + NS times more programs, which a GEMV needs to keep enough
         # loads in flight. A routed expert's [DR, WI] matrix is [D, I] for bf16, the padded [Dp, Ip] for FP8.
-        # Two calls of the row loop for the reason _gate_up_kernel gives.
-        pdl_prologue(PDL)
+        # Two calls of the row loop for the reason _gate_up_kernel gives. Everything but h was settled before the
+        # previous kernel (gate/up, which reads the same indices) could start: a program finds its expert and routing
+        # weight and asks L2 for its weight rows before it waits for h.
         pair = tl.program_id(0)
         tok = pair // (K + NS)
         slot = pair % (K + NS)
@@ -619,16 +646,22 @@ if triton is not None:
         rmask = rows < D
         if slot < K:  # a routed expert of the stack
             expert = tl.load(IDX + tok * K + slot).to(tl.int64)
+            weight = tl.load(WTS + tok * K + slot)  # its routing weight
+            w_rows = W + expert * DR * WI + rows[:, None] * WI
             s_rows = WS + expert * (DR // 128) * (WI // 128) + (rows // 128)[:, None] * (WI // 128)
-            out = scaled_rows_dot(H + pair * I, W + expert * DR * WI + rows[:, None] * WI, s_rows, rmask, I, FP8,
-                                  BLOCK_D, BLOCK_I)
-            out *= tl.load(WTS + tok * K + slot)  # its routing weight
+            if PDL:
+                prefetch_rows(w_rows, rmask, I, 32)
+            pdl_prologue(PDL)
+            out = scaled_rows_dot(H + pair * I, w_rows, s_rows, rmask, I, FP8, BLOCK_D, BLOCK_I) * weight
         else:  # columns [(slot - K) * I, +I) of the shared MLP's down_proj [D, NS * I]
-            out = scaled_rows_dot(H + pair * I, SD + (slot - K).to(tl.int64) * I + rows[:, None] * (NS * I), WS,
-                                  rmask, I, False, BLOCK_D, BLOCK_I)
+            sd_rows = SD + (slot - K).to(tl.int64) * I + rows[:, None] * (NS * I)
+            if PDL:
+                prefetch_rows(sd_rows, rmask, I, 32)
+            pdl_prologue(PDL)
+            out = scaled_rows_dot(H + pair * I, sd_rows, WS, rmask, I, False, BLOCK_D, BLOCK_I)
         tl.store(Y + pair * D + rows, out, mask=rmask)
 
     _GATE_UP_CONFIGS = gemv_configs("BLOCK_I", "BLOCK_D")
     _DOWN_CONFIGS = gemv_configs("BLOCK_D", "BLOCK_I")
-    _gate_up_kernel = autotuned(_GATE_UP_CONFIGS, ["D", "I", "n_pairs", "FP8"])(_gate_up_kernel)
+    _gate_up_kernel = autotuned(_GATE_UP_CONFIGS, ["D", "I", "n_pairs", "FP8", "X_SETTLED"])(_gate_up_kernel)
     _down_kernel = autotuned(_DOWN_CONFIGS, ["D", "I", "n_pairs", "FP8"])(_down_kernel)
