@@ -13,8 +13,20 @@ VERB_MODULES = ["dsv3.info", "dsv3.cost", "dsv3.checkpoint", "dsv3.prepare", "ds
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3, end to end.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    missing = {}  # module -> the package it needs and this install lacks (e.g. the server's fastapi on a GPU image)
     for name in VERB_MODULES:
-        importlib.import_module(name).register(sub)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:  # the other verbs still work
+            missing[name] = e.name
+            continue
+        module.register(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    if missing and argv and not argv[0].startswith("-") and argv[0] not in sub.choices:
+        lacking = "; ".join(f"{module} needs the package {package}" for module, package in missing.items())
+        print(f"dsv3: no verb {argv[0]!r} here; verbs missing from this install: {lacking} "
+              f"(pip install -e . installs them)", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
