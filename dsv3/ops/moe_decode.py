@@ -39,7 +39,7 @@ bandwidth, and the shared experts' MLP a few more launches. Here the layer is th
   write, it reads before waiting for that kernel. The router reads its first slice of the gate weight; gate/up's
   shared-MLP programs, launched first, compute their whole output from x (the router's input too) while the
   router runs, a few programs on an otherwise idle GPU, and store it after the wait; down finds its experts and
-  routing weights and asks L2 for its weight rows.
+  routing weights.
 - Graph-safe: shapes are static, nothing syncs with the host. Under torch.compile the kernels are the opaque custom
   ops `dsv3::moe_layer` (routing and experts: one op, so that no kernel can come between them and write x) and
   `dsv3::moe_select` (the compiler sees declared output shapes, not a launch).
@@ -398,7 +398,7 @@ def layer(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None,
 
 # ---- kernels -----------------------------------------------------------------------------------------------------
 if triton is not None:
-    from .tuning import pdl_prologue, prefetch_rows
+    from .tuning import pdl_prologue
 
     @triton.jit
     def _select_kernel(X, BIAS, INDICES, COUNTS, T, E: tl.constexpr, G: tl.constexpr, PG: tl.constexpr,
@@ -638,7 +638,7 @@ if triton is not None:
         # loads in flight. A routed expert's [DR, WI] matrix is [D, I] for bf16, the padded [Dp, Ip] for FP8.
         # Two calls of the row loop for the reason _gate_up_kernel gives. Everything but h was settled before the
         # previous kernel (gate/up, which reads the same indices) could start: a program finds its expert and routing
-        # weight and asks L2 for its weight rows before it waits for h.
+        # weight before it waits for h.
         pair = tl.program_id(0)
         tok = pair // (K + NS)
         slot = pair % (K + NS)
@@ -649,14 +649,10 @@ if triton is not None:
             weight = tl.load(WTS + tok * K + slot)  # its routing weight
             w_rows = W + expert * DR * WI + rows[:, None] * WI
             s_rows = WS + expert * (DR // 128) * (WI // 128) + (rows // 128)[:, None] * (WI // 128)
-            if PDL:
-                prefetch_rows(w_rows, rmask, I, 32)
             pdl_prologue(PDL)
             out = scaled_rows_dot(H + pair * I, w_rows, s_rows, rmask, I, FP8, BLOCK_D, BLOCK_I) * weight
         else:  # columns [(slot - K) * I, +I) of the shared MLP's down_proj [D, NS * I]
             sd_rows = SD + (slot - K).to(tl.int64) * I + rows[:, None] * (NS * I)
-            if PDL:
-                prefetch_rows(sd_rows, rmask, I, 32)
             pdl_prologue(PDL)
             out = scaled_rows_dot(H + pair * I, sd_rows, WS, rmask, I, False, BLOCK_D, BLOCK_I)
         tl.store(Y + pair * D + rows, out, mask=rmask)

@@ -46,22 +46,6 @@ elif triton is not None:
         pass
 
 
-if triton is not None:
-
-    @triton.jit
-    def prefetch_rows(rows, rmask, n, BLOCK: tl.constexpr):
-        # Ask L2 for the first n elements of the rows starting at `rows` [R, 1] where rmask [R] holds, one 128-byte
-        # line per request, and go on: no registers held, nothing waited for. For weights a kernel reads after its
-        # PDL wait, fetched while the previous kernel drains. Compiled code only (inline PTX): call under `if PDL`.
-        line = 1024 // rows.dtype.element_ty.primitive_bitwidth  # elements per line
-        for c0 in range(0, n, line * BLOCK):
-            cols = c0 + tl.arange(0, BLOCK) * line
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }", "=r,l,r",
-                [rows + cols[None, :], (rmask[:, None] & (cols < n)[None, :]).to(tl.int32)], dtype=tl.int32,
-                is_pure=False, pack=1)
-
-
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on `device` launch with programmatic dependent launch (see the module docstring)."""
     return PDL and device.type == "cuda" and _capability(device.index) >= (9, 0)
