@@ -3,6 +3,7 @@
     python -m benchmarks.decode_kernels --preset 1b --batch 1                # eager census (CPU or CUDA)
     python -m benchmarks.decode_kernels --preset 1b --batch 1 --compile      # and the torch.compile'd step
     python -m benchmarks.decode_kernels --preset 16b --compile --trace       # and its CUDA graph's kernel timeline
+    python -m benchmarks.decode_kernels --preset small --compile --trace --speculative   # the MTP speculative step
 
 The step is the function the engine's CUDA graph captures for a bucket of `batch` decode rows: the two input copies,
 the main forward over the paged cache at `--context` cached tokens, the head and the expert load. It is counted
@@ -19,6 +20,8 @@ three ways:
   end: the step's real device time) against the summed kernel time, and the idle gaps between kernels. Kernels
   launched with programmatic dependent launch overlap their predecessor's tail, so their durations sum to more
   than the span they cover.
+`--speculative` counts the speculative step of greedy requests instead (`ModelRunner.greedy_speculative`): each
+sequence feeds its last token and a draft, and the step runs the main forward, the drafter and both argmaxes.
 Weights are random (drawn on the device); the counts do not depend on them, nor on the context length.
 """
 
@@ -74,27 +77,33 @@ class Census(TorchDispatchMode):
         return hook
 
 
-def decode_inputs(engine: Engine, graphs: DecodeGraphs, batch: int, context: int) -> HostRows:
-    """The rows of one decode step of `batch` sequences with `context` tokens cached (the cache holds zeros)."""
+def decode_inputs(engine: Engine, graphs: DecodeGraphs, batch: int, context: int, fed: int = 1) -> HostRows:
+    """The rows of one decode step of `batch` sequences with `context` tokens cached (the cache holds zeros), each
+    feeding `fed` tokens (2: its last token and a draft)."""
     gen = torch.Generator().manual_seed(0)
     works = []
     for i in range(batch):
-        prompt = torch.randint(0, engine.cfg.vocab_size, (context + 1,), generator=gen).tolist()
+        prompt = torch.randint(0, engine.cfg.vocab_size, (context + fed,), generator=gen).tolist()
         req = Request(f"r{i}", prompt, SamplingParams(max_tokens=1, temperature=0), frozenset())
-        if not engine.cache.reserve(req.blocks, context + 1):
-            raise ValueError(f"the cache holds too few blocks for {batch} sequences of {context + 1} tokens")
-        works.append(Work(req, [prompt[-1]], context, decode=True))
-    return rows_for(works, engine.cache, pad_to=graphs.bucket(batch), width=graphs.width)
+        if not engine.cache.reserve(req.blocks, context + fed):
+            raise ValueError(f"the cache holds too few blocks for {batch} sequences of {context + fed} tokens")
+        works.append(Work(req, prompt[context:], context, decode=True))
+    return rows_for(works, engine.cache, pad_to=graphs.bucket(batch * fed), width=graphs.width)
 
 
-def census(engine: Engine, graphs: DecodeGraphs, host: HostRows) -> dict:
+def step_of(graphs: DecodeGraphs, speculative: bool):
+    """The step function counted: the plain decode forward or the greedy speculative step."""
+    return graphs.greedy_speculative if speculative else graphs.main
+
+
+def census(engine: Engine, step, host: HostRows) -> dict:
     mode = Census()
     model = engine.model
     hooks = [layer.register_forward_pre_hook(mode.enter(f"layer {i}")) for i, layer in enumerate(model.layers)]
     hooks.append(model.norm.register_forward_pre_hook(mode.enter("norm, head, expert load")))
     try:
         with torch.no_grad(), mode:
-            graphs.main(host)
+            step(host)
     finally:
         for h in hooks:
             h.remove()
@@ -139,17 +148,17 @@ def compiled_calls(code: str) -> dict:
     return {"kernel_calls": sum(kinds.values()), "by_kind": dict(kinds.most_common())}
 
 
-def graph_timeline(graphs: DecodeGraphs, host: HostRows, device: torch.device) -> dict:
+def graph_timeline(step, host: HostRows, device: torch.device) -> dict:
     """One profiled replay of the step's CUDA graph: its kernels in order, (name, start, duration) in us."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
         for _ in range(3):  # capture, then warm replays
-            graphs.main(host)
+            step(host)
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        graphs.main(host)
+        step(host)
         torch.cuda.synchronize(device)
     events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA and "Memcpy" not in e.name),
                     key=lambda e: e.time_range.start)
@@ -176,31 +185,36 @@ def main() -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (cuda when available)")
     p.add_argument("--layers", type=int, default=None,
                    help="keep this many layers (a 16b census on a CPU's memory: the counts are per layer)")
+    p.add_argument("--speculative", action="store_true",
+                   help="the greedy speculative step (last token and a draft per sequence, drafter included)")
     args = p.parse_args()
+    fed = 2 if args.speculative else 1
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = dsv3.ModelConfig.preset(args.preset, **({} if args.layers is None else {"num_hidden_layers": args.layers}))
     t0 = time.perf_counter()
     model = random_model(cfg, device, torch.bfloat16)  # bf16 on any device: its casts are the GPU's kernels
     print(f"{args.preset}: random weights on {device} in {time.perf_counter() - t0:.0f} s", flush=True)
-    per_seq = blocks_for(args.context + 1, BLOCK_SIZE)
+    per_seq = blocks_for(args.context + fed, BLOCK_SIZE)
     engine = Engine(model, max_batch_size=args.batch, block_size=BLOCK_SIZE, num_blocks=args.batch * per_seq,
-                    max_seq_len=args.context + 1, cuda_graphs=False)
+                    max_seq_len=args.context + fed, cuda_graphs=False, speculative=args.speculative)
     width = blocks_for(engine.max_seq_len, BLOCK_SIZE)
-    eager = DecodeGraphs(engine.runner, args.batch, width, capture=False)
-    host = decode_inputs(engine, eager, args.batch, args.context)
+    rows = args.batch * fed
+    eager = DecodeGraphs(engine.runner, rows, width, capture=False)
+    host = decode_inputs(engine, eager, args.batch, args.context, fed)
     results = {"preset": args.preset, "batch": args.batch, "context": args.context, "device": str(device),
-               "layers": cfg.num_hidden_layers, "decode_kernel": engine.metrics()["decode_kernel"]}
-    results["eager"] = census(engine, eager, host)
+               "speculative": args.speculative, "layers": cfg.num_hidden_layers,
+               "decode_kernel": engine.metrics()["decode_kernel"]}
+    results["eager"] = census(engine, step_of(eager, args.speculative), host)
     if device.type == "cuda":
         with torch.no_grad():
-            results["eager"]["device"] = kernel_profile(lambda: eager.main(host), device)
+            results["eager"]["device"] = kernel_profile(lambda: step_of(eager, args.speculative)(host), device)
     if args.compile:
         from torch._inductor.utils import run_and_get_code
 
-        compiled = DecodeGraphs(engine.runner, args.batch, width, capture=False, compile=True)
+        compiled = DecodeGraphs(engine.runner, rows, width, capture=False, compile=True)
         t0 = time.perf_counter()
         with torch.no_grad():
-            _, codes = run_and_get_code(compiled.main, host)
+            _, codes = run_and_get_code(step_of(compiled, args.speculative), host)
         wrapper = next(c for c in codes if "def call(self, args)" in c)
         results["compiled"] = {"compile_seconds": time.perf_counter() - t0, **compiled_calls(wrapper)}
         if args.trace:  # the generated code beside the timeline, to map its kernels to the model's ops
@@ -209,11 +223,13 @@ def main() -> None:
             (out / f"decode_step_{args.preset}_b{args.batch}_inductor.py").write_text(wrapper)
         if device.type == "cuda":
             with torch.no_grad():
-                results["compiled"]["device"] = kernel_profile(lambda: compiled.main(host), device)
+                results["compiled"]["device"] = kernel_profile(
+                    lambda: step_of(compiled, args.speculative)(host), device)
     if args.trace and device.type == "cuda":
-        graphs = DecodeGraphs(engine.runner, args.batch, width, capture=True, compile=args.compile)
-        results["graph_timeline"] = graph_timeline(graphs, host, device)
-    save_results(f"decode_kernels_{args.preset}_b{args.batch}", results)
+        graphs = DecodeGraphs(engine.runner, rows, width, capture=True, compile=args.compile)
+        results["graph_timeline"] = graph_timeline(step_of(graphs, args.speculative), host, device)
+    save_results(f"decode_kernels_{args.preset}_b{args.batch}" + ("_speculative" if args.speculative else ""),
+                 results)
 
 
 if __name__ == "__main__":

@@ -165,3 +165,20 @@ def test_kernel_count_script_on_the_tiny_preset(tmp_path):
     assert regions["embedding, rope"] == 4  # two input copies, the embedding, the rope-table gather
     assert cfg.num_hidden_layers == 3 and set(regions) == {"embedding, rope", "layer 0", "layer 1", "layer 2",
                                                           "norm, head, expert load"}
+
+
+def test_kernel_count_script_counts_the_speculative_step(tmp_path):
+    # Two rows per sequence (last token and draft), and after the main model's head the drafter: a whole MoE block
+    # more, plus its own norms, projection, head and the two argmaxes.
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    for extra in ([], ["--speculative"]):
+        done = subprocess.run([sys.executable, "-m", "benchmarks.decode_kernels", "--preset", "tiny", "--context",
+                               "16", "--device", "cpu", *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    plain = json.loads((tmp_path / "decode_kernels_tiny_b1.json").read_text())
+    spec = json.loads((tmp_path / "decode_kernels_tiny_b1_speculative.json").read_text())
+    assert spec["speculative"] and not plain["speculative"]
+    tail = "norm, head, expert load"
+    assert (spec["eager"]["aten_ops_by_region"][tail]
+            > plain["eager"]["aten_ops_by_region"][tail] + plain["eager"]["aten_ops_by_region"]["layer 1"])
