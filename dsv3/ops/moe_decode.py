@@ -20,12 +20,13 @@ bandwidth, and the shared experts' MLP a few more launches. Here the layer is th
   path, and the choice is made on the very same fp32 scores, so it is the plain path's too (up to exact ties,
   which go to the lower index here). It replaces three torch.topk calls, the group mask and `Experts.forward`'s
   scatter_add counts with one launch, and writes no scores or weights.
-- `experts` (`layer` runs them after `gate_route`): two GEMV kernels that read only the chosen experts' weights, along their contiguous reduction dim.
-  gate/up: a program per (token-expert pair, tile of I) computes silu(x . Wg[i]) * (x . Wu[i]); down: a program per
-  (pair, tile of D) writes its output times the routing weight in fp32, and a sum over each token's pairs follows
-  (no atomics: the result does not depend on scheduling); under torch.compile it is a chain of adds, which inductor
-  fuses into the kernel of the residual add and the next norm. Programs of the same weight tile for different
-  pairs are adjacent in launch order, so tokens that share an expert mostly read it from L2.
+- `experts` (`layer` runs them after `gate_route`): two GEMV kernels that read only the chosen experts' weights,
+  along their contiguous reduction dim. gate/up: a program per (token-expert pair, tile of I) computes
+  silu(x . Wg[i]) * (x . Wu[i]); down: a program per (pair, tile of D) writes its output times the routing weight
+  in fp32, and a sum over each token's pairs follows (no atomics: the result does not depend on scheduling); under
+  torch.compile it is a chain of adds, which inductor fuses into the kernel of the residual add and the next norm.
+  Programs of the same weight tile for different pairs are adjacent in launch order, so tokens that share an expert
+  mostly read it from L2.
 - The shared experts ride along: DeepSeek's shared experts are always-on experts of width I, so the shared MLP
   (n_shared * I wide) becomes n_shared more pairs per token at weight 1, read in place from its nn.Linear weights
   (a second set of pointers; the pair's slot picks the source). Every pair is then the same work, the T = 1 grid
