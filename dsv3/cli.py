@@ -7,8 +7,8 @@ import importlib
 import sys
 
 # module -> it defines `register(subparsers)`, adding its verb(s) with `set_defaults(func=...)`
-VERB_MODULES = ["dsv3.info", "dsv3.cost", "dsv3.checkpoint", "dsv3.prepare", "dsv3.train", "dsv3.plot", "dsv3.quickstart",
-                "dsv3.generate", "dsv3.server.cli"]
+VERB_MODULES = ["dsv3.info", "dsv3.cost", "dsv3.checkpoint", "dsv3.prepare", "dsv3.train", "dsv3.plot",
+                "dsv3.quickstart", "dsv3.generate", "dsv3.server.cli"]
 
 
 def main(argv: list[str] | None = None) -> int:
