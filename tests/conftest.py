@@ -25,6 +25,18 @@ def rerun_under_interpreter(test_file: str, keyword: str | None = None, timeout:
     assert allow_skips or " skipped" not in run.stdout, run.stdout
 
 
+def on_cpu_under_the_interpreter(triton_module):
+    """Marks a file's `test_under_the_triton_interpreter` (which calls rerun_under_interpreter): it runs on a machine
+    without a GPU (with one, the compiled kernels are tested instead), with the triton package, and not inside the
+    rerun itself."""
+    def mark(test):
+        test = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested")(test)
+        test = pytest.mark.skipif(triton_module is None, reason="needs the triton package (its interpreter runs "
+                                                                "the kernels)")(test)
+        return pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this is the subprocess")(test)
+    return mark
+
+
 def skip_if_interpreter_broken() -> None:
     """Skip where Triton's interpreter cannot run our kernels at all."""
     import numpy as np

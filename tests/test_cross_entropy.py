@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.ops import cross_entropy as ce
-from tests.conftest import rerun_under_interpreter
+from tests.conftest import on_cpu_under_the_interpreter, rerun_under_interpreter
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_under_the_triton_interpreter's subprocess")
@@ -37,9 +37,7 @@ def test_reference_is_log_softmax_and_its_gradient():
     assert correct[2] and not correct[1]
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-@pytest.mark.skipif(ce.triton is None, reason="needs the triton package (its interpreter runs the kernel)")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernel is tested instead")
+@on_cpu_under_the_interpreter(ce.triton)
 def test_under_the_triton_interpreter():
     rerun_under_interpreter(__file__, "kernel", timeout=300)
 

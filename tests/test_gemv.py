@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsv3.ops import gemv
-from tests.conftest import rerun_under_interpreter
+from tests.conftest import on_cpu_under_the_interpreter, rerun_under_interpreter
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 kernel = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
@@ -15,9 +15,7 @@ kernel = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-@pytest.mark.skipif(gemv.triton is None, reason="needs the triton package (its interpreter runs the kernel)")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernel is tested instead")
+@on_cpu_under_the_interpreter(gemv.triton)
 def test_under_the_triton_interpreter():
     rerun_under_interpreter(__file__, "kernel", timeout=300)
 

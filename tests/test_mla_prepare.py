@@ -10,7 +10,7 @@ import torch
 import dsv3
 from dsv3.model import MLA, build_model
 from dsv3.ops import mla_prepare
-from tests.conftest import rerun_under_interpreter
+from tests.conftest import on_cpu_under_the_interpreter, rerun_under_interpreter
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 kernel = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
@@ -41,9 +41,7 @@ def test_reference_matches_the_model(interleave):
     torch.testing.assert_close(q_lat, torch.einsum("mhn,hnc->mhc", q_nope[0, :4], w_uk))
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-@pytest.mark.skipif(mla_prepare.triton is None, reason="needs the triton package (its interpreter runs the kernel)")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernel is tested instead")
+@on_cpu_under_the_interpreter(mla_prepare.triton)
 def test_under_the_triton_interpreter():
     rerun_under_interpreter(__file__, "kernel", timeout=300)
 

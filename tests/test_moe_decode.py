@@ -17,7 +17,7 @@ from dsv3.model import Gate, MoE
 from dsv3.ops import moe_decode
 from dsv3.fp8 import FP8, quantize_weight_blocks
 from dsv3.ops.moe_decode import RouteSpec, experts_reference, route_reference
-from tests.conftest import rerun_under_interpreter
+from tests.conftest import on_cpu_under_the_interpreter, rerun_under_interpreter
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_under_the_triton_interpreter's subprocess")
@@ -102,9 +102,7 @@ def test_experts_reference_matches_moe(t, n_shared):
 
 
 # ---- the Triton kernels, under the interpreter ---------------------------------------------------------------------
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-@pytest.mark.skipif(moe_decode.triton is None, reason="needs the triton package (its interpreter runs the kernels)")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead")
+@on_cpu_under_the_interpreter(moe_decode.triton)
 def test_under_the_triton_interpreter():
     rerun_under_interpreter(__file__, "kernel", timeout=300)
 

@@ -18,7 +18,7 @@ from dsv3.balance import balance_loss
 from dsv3.model import Gate, build_model
 from dsv3.ops import moe_decode
 from dsv3.ops.moe_decode import RouteSpec, route_reference, select_reference
-from tests.conftest import rerun_under_interpreter
+from tests.conftest import on_cpu_under_the_interpreter, rerun_under_interpreter
 from tests.test_moe_decode import random_gate
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -62,9 +62,7 @@ def test_select_reference_matches_gate(name, t):
 
 
 # ---- the Triton kernel, under the interpreter ---------------------------------------------------------------------
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-@pytest.mark.skipif(moe_decode.triton is None, reason="needs the triton package (its interpreter runs the kernels)")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead")
+@on_cpu_under_the_interpreter(moe_decode.triton)
 def test_under_the_triton_interpreter():
     rerun_under_interpreter(__file__, "kernel")
 
