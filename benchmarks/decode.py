@@ -28,6 +28,7 @@ import torch
 import dsv3
 from benchmarks.common import save_results, sync
 from dsv3.engine import Engine, SamplingParams
+from dsv3.engine.engine import DEFAULT_MULTI_STEP
 from dsv3.info import model_stats
 from dsv3.model import Gate, Rotary, Transformer, cast_model
 from dsv3.tokenizer import Tokenizer
@@ -121,7 +122,8 @@ def engine_for(model, args, batch: int, prompt_len: int, speculative: bool = Fal
     per_seq = -(-(prompt_len + args.new_tokens + 1) // 64)
     return Engine(model, max_batch_size=batch, block_size=64, num_blocks=batch * per_seq + 1,
                   max_seq_len=prompt_len + args.new_tokens + 1, speculative=speculative,
-                  cuda_graphs=not args.no_graphs, decode_kernel=args.kernel, compile=args.compile)
+                  cuda_graphs=not args.no_graphs, decode_kernel=args.kernel, compile=args.compile,
+                  multi_step=args.multi_step)
 
 
 def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -130,7 +132,7 @@ def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
     stats = model_stats(cfg)
     results: dict = {"preset": args.preset, "dtype": args.dtype, "prompt_len": args.prompt_len,
                      "new_tokens": args.new_tokens, "kernel": args.kernel, "cuda_graphs": not args.no_graphs,
-                     "compile": args.compile, "runs": []}
+                     "compile": args.compile, "multi_step": args.multi_step, "runs": []}
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (max(args.batch), args.prompt_len), generator=gen)
 
@@ -204,7 +206,7 @@ def speculative_speedup(args, device: torch.device, dtype: torch.dtype) -> dict:
         prompts = torch.randint(0, cfg.vocab_size, (4, args.prompt_len), generator=gen).tolist()
     longest = max(len(p) for p in prompts)
     results: dict = {"model": str(args.model), "dtype": args.dtype, "new_tokens": args.new_tokens,
-                     "compile": args.compile, "runs": []}
+                     "compile": args.compile, "multi_step": args.multi_step, "runs": []}
     plain = engine_for(model, args, 1, longest)
     spec = engine_for(model, args, 1, longest, speculative=True)
     # Warm-up over every prompt: a prompt length not seen yet costs kernel compilations and autotuning (prefill
@@ -218,11 +220,16 @@ def speculative_speedup(args, device: torch.device, dtype: torch.dtype) -> dict:
         same = next((i for i, (x, y) in enumerate(zip(a["tokens"][0], s["tokens"][0])) if x != y), args.new_tokens)
         results["runs"].append({"prompt_tokens": len(p), "plain_tokens_per_s": a["tokens_per_s"],
                                 "speculative_tokens_per_s": s["tokens_per_s"],
-                                "speedup": s["tokens_per_s"] / a["tokens_per_s"], "common_prefix": same})
+                                "speedup": s["tokens_per_s"] / a["tokens_per_s"],
+                                "plain_decode_tokens_per_s": a["decode_tokens_per_s"],
+                                "speculative_decode_tokens_per_s": s["decode_tokens_per_s"],
+                                "decode_speedup": s["decode_tokens_per_s"] / a["decode_tokens_per_s"],
+                                "common_prefix": same})
         print(results["runs"][-1], flush=True)
     m = spec.metrics()
     results["acceptance_rate"] = (m["spec_accepted"] - accepted0) / max(1, m["spec_drafted"] - drafted0)
-    results["mean_speedup"] = sum(r["speedup"] for r in results["runs"]) / len(results["runs"])
+    for key in ("speedup", "decode_speedup"):
+        results[f"mean_{key}"] = sum(r[key] for r in results["runs"]) / len(results["runs"])
     return results
 
 
@@ -242,6 +249,8 @@ def main() -> None:
     p.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"], help="decode attention")
     p.add_argument("--no-graphs", action="store_true", help="run the decode step eagerly")
     p.add_argument("--compile", action="store_true", help="torch.compile each decode bucket's step")
+    p.add_argument("--multi-step", type=int, default=DEFAULT_MULTI_STEP,
+                   help="greedy decode steps per host round trip (1: a round trip every step)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (the roofline alone)")
     p.add_argument("--fp8-weights", action="store_true", help="also time the weights served from an FP8 checkpoint")
     args = p.parse_args()

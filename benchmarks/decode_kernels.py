@@ -5,8 +5,9 @@
     python -m benchmarks.decode_kernels --preset 16b --compile --trace       # and its CUDA graph's kernel timeline
     python -m benchmarks.decode_kernels --preset small --compile --trace --speculative   # the MTP speculative step
 
-The step is the function the engine's CUDA graph captures for a bucket of `batch` decode rows: the two input copies,
-the main forward over the paged cache at `--context` cached tokens, the head and the expert load. It is counted
+The step is the function the engine's CUDA graph captures for a bucket of `batch` greedy decode rows: the two input
+copies, the main forward over the paged cache at `--context` cached tokens, the head, the argmax, the next step's
+rows and the expert load. It is counted
 three ways:
 - aten census (any device): a TorchDispatchMode records every aten op the eager step dispatches, per region
   (embedding and rope, each layer, head). Views and allocations launch nothing and are listed apart; every other op
@@ -20,7 +21,7 @@ three ways:
   end: the step's real device time) against the summed kernel time, and the idle gaps between kernels. Kernels
   launched with programmatic dependent launch overlap their predecessor's tail, so their durations sum to more
   than the span they cover.
-`--speculative` counts the speculative step of greedy requests instead (`ModelRunner.greedy_speculative`): each
+`--speculative` counts the speculative step of greedy requests instead (`ModelRunner.greedy_step`): each
 sequence feeds its last token and a draft, and the step runs the main forward, the drafter and both argmaxes.
 Weights are random (drawn on the device); the counts do not depend on them, nor on the context length.
 """
@@ -92,8 +93,9 @@ def decode_inputs(engine: Engine, graphs: DecodeGraphs, batch: int, context: int
 
 
 def step_of(graphs: DecodeGraphs, speculative: bool):
-    """The step function counted: the plain decode forward or the greedy speculative step."""
-    return graphs.greedy_speculative if speculative else graphs.main
+    """The step function counted: the engine's greedy decode step (`ModelRunner.greedy_step`), plain or speculative.
+    Each call loads its input rows afresh, so the rows it rewrites for the next step are never fed on."""
+    return lambda host: graphs.greedy(host, host.rows.shape[0], speculative)
 
 
 def census(engine: Engine, step, host: HostRows) -> dict:

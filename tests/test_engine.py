@@ -148,6 +148,40 @@ def test_speculative_greedy_equals_plain_and_reports_acceptance():
     assert m["steps"] < plain_engine.metrics()["steps"]  # accepted drafts save steps
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_greedy_bursts_give_the_tokens_of_single_steps(speculative):
+    # Up to multi_step greedy steps run with one host round trip, each step's rows written by the one before on the
+    # device. Requests stopping mid-burst (a stop token, max_tokens), joining later, or short of cache blocks (the
+    # tight pool) must come out as one step at a time gives them.
+    model = drafting_model() if speculative else tiny_model()
+    ps = prompts([6, 15, 2, 9], seed=12)
+    stop = naive_greedy(model, ps[1], 12)[7]
+    params = [greedy(17), greedy(12, stop_token_ids=(stop,)), greedy(3), greedy(21)]
+    joins = [0, 0, 2, 5]
+
+    def run(multi_step, num_blocks):
+        engine = Engine(model, block_size=4, num_blocks=num_blocks, speculative=speculative, multi_step=multi_step)
+        got, step, chunks = {}, 0, []
+        while step <= max(joins) or engine.has_unfinished():
+            for i, at in enumerate(joins):
+                if at == step:
+                    got[engine.add_request(ps[i], params[i], request_id=str(i))] = []
+            for out in engine.step():
+                got[out.request_id] += out.new_token_ids
+                chunks.append(len(out.new_token_ids))
+            step += 1
+        assert engine.metrics()["cache_blocks_used"] == 0
+        return [got[str(i)] for i in range(len(ps))], max(chunks), step
+
+    single, most, calls = run(1, 64)
+    assert most == (2 if speculative else 1)
+    assert single[1][-1] == stop and len(single[1]) < 12
+    assert single[0] == naive_greedy(model, ps[0], 17)
+    burst, most, burst_calls = run(8, 64)
+    assert burst == single and most > 2 and burst_calls < calls
+    assert run(8, 9)[0] == single  # 9 blocks of 4: preemptions, and bursts that cannot reserve theirs run one step
+
+
 def test_drafts_are_the_mtp_modules_predictions():
     # White box: after each step, every decoding request's draft is the argmax of MTP depth 1 of a full forward.
     model = tiny_model()

@@ -60,6 +60,22 @@ def test_compiled_steps_trace_whole_and_match_eager(logprobs, kinds):
     assert engine.metrics()["compiled"] and not engine.metrics()["cuda_graphs"]
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_compiled_greedy_bursts_over_padded_buckets_match_single_eager_steps(speculative):
+    # Three sequences fill a bucket of 4 rows (8 speculating) with padding rows, which each step's rewrite of its
+    # rows for the next one must leave alone; the steps of a burst replay one compiled function.
+    model = bf16_model()
+    ps = prompts([5, 11, 3], seed=2)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (12, 9, 14)]
+    eager = Engine(model, block_size=4, num_blocks=48, speculative=speculative, multi_step=1).generate(ps, params)
+    engine = Engine(model, block_size=4, num_blocks=48, speculative=speculative, compile=True)
+    engine.graphs.backend = "aot_eager"
+    compiled = engine.generate(ps, params)
+    assert {kind for kind, _ in engine.graphs.fns} == {"greedy_speculative" if speculative else "greedy"}
+    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+    assert engine.metrics()["cache_blocks_used"] == 0
+
+
 @pytest.mark.skipif(os.environ.get("DSV3_SLOW_TESTS") != "1", reason="inductor on the CPU: set DSV3_SLOW_TESTS=1")
 def test_inductor_compiled_engine_tracks_the_full_forward_and_writes_the_cache_in_place():
     from torch._inductor.utils import run_and_get_code

@@ -457,7 +457,7 @@ def test_stream_disconnect_aborts(server, client):
     before = scrape(server)
     stream = client.completions.create(model=MODEL, prompt=TICK, max_tokens=900, temperature=0, stream=True)
     pieces = [next(iter(stream)).choices[0].text for _ in range(3)]
-    assert pieces == [" tick"] * 3
+    assert all(p and p == " tick" * (len(p) // 5) for p in pieces)  # a greedy burst streams its tokens together
     stream.close()
     assert wait_until(lambda: engine_idle(server)), "the engine kept the request after its client left"
     after = scrape(server)

@@ -13,6 +13,11 @@ Notable features:
   CUDA graph captures it; on the CPU the compiled steps run without graphs.
 - `speculative=True`: the model's MTP module drafts a token per step and one forward verifies it by rejection
   sampling (speculative.py); `metrics()` reports the acceptance rate, cache use, queue sizes and expert load.
+- Greedy bursts: when every running request decodes greedily without penalties or logprobs, up to `multi_step`
+  steps run back to back, each step's function writing the next one's input rows on the device, with one host
+  round trip for all of them. At batch 1 the host's share of a step (Python, the copies in and out, the graph
+  launch) is otherwise time the GPU sits idle. A burst delays the admission of new requests by its length and
+  streams its tokens together.
 The engine is single-threaded and not thread-safe: drive it from one thread. It switches on `keep_routing` of the
 model's MoE layers (to count expert load over real tokens) and owns the model while it runs.
 """
@@ -38,6 +43,7 @@ DEFAULT_MAX_SEQ_LEN = 8192  # the default cap on max_position_embeddings (163840
 CPU_CACHE_BYTES = 1 << 30  # default cache size on the CPU, at most
 GPU_CACHE_FRACTION = 0.9  # of the free GPU memory, less GPU_RESERVED_BYTES for activations and graphs
 GPU_RESERVED_BYTES = 4 << 30
+DEFAULT_MULTI_STEP = 8  # greedy decode steps a burst runs at most between host round trips (see `_greedy`)
 LOGPROB_CHUNK = 256  # prompt-logprob rows per head matmul: bounds the [rows, vocab] logits in memory
 
 
@@ -56,11 +62,11 @@ class Engine:
     def __init__(self, model: Transformer, *, max_batch_size: int = 64, max_seq_len: int | None = None,
                  block_size: int = 64, num_blocks: int | None = None, max_prefill_tokens: int = 2048,
                  speculative: bool = False, cuda_graphs: bool | None = None, decode_kernel: str = "auto",
-                 compile: bool = False):
+                 compile: bool = False, multi_step: int = DEFAULT_MULTI_STEP):
         cfg = model.cfg
         for name, value in (("max_batch_size", max_batch_size), ("block_size", block_size),
                             ("max_prefill_tokens", max_prefill_tokens), ("max_seq_len", max_seq_len),
-                            ("num_blocks", num_blocks)):
+                            ("num_blocks", num_blocks), ("multi_step", multi_step)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
@@ -80,6 +86,7 @@ class Engine:
         self.model = model.eval()
         self.cfg = cfg
         self.speculative = speculative
+        self.multi_step = multi_step
         self.eos_token_id: int | None = cfg.eos_token_id
         layers = cfg.num_hidden_layers + int(speculative)  # the drafter's attention has a cache layer of its own
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -187,8 +194,7 @@ class Engine:
         outputs, self._aborted = self._aborted, []
         works = self.scheduler.schedule()
         if works:
-            self._forward(works)
-            self._stats["steps"] += 1
+            self._stats["steps"] += self._forward(works)
         for w in works:
             req = w.req
             if req.new_tokens or req.finish_reason is not None:
@@ -199,17 +205,21 @@ class Engine:
                 del self._requests[req.id]
         return outputs
 
-    def _forward(self, works: list[Work]) -> None:
+    def _forward(self, works: list[Work]) -> int:
+        """Run this step's works -> the number of forwards run (more than one for a greedy burst)."""
         rows = sum(len(w.tokens) for w in works)
         size = self.graphs.bucket(rows) if self.graphs and all(w.decode for w in works) else None
+        fed = 2 if self.speculative else 1  # a decoding request's rows: its last token (and its draft)
+        burst = all(w.decode and len(w.tokens) == fed and _plain_greedy(w.req.params) for w in works)
+        n = self._reserve_burst(works) if burst else 1
         host = rows_for(works, self.cache, pad_to=size, width=self.graphs.width if size else None)
         starts, r = [], 0
         for w in works:
             starts.append(r)
             r += len(w.tokens)
-        if self.speculative and all(w.decode and _plain_greedy(w.req.params) for w in works):
-            self._greedy_speculative(works, starts, host, size)
-            return
+        if burst:
+            self._greedy(works, starts, host, size, n)
+            return n
         step = None
         if size:
             all_logits, hidden, load = self.graphs.main(host)
@@ -228,6 +238,21 @@ class Engine:
         self._sample(works, starts, logits)
         if self.speculative:
             self._draft(works, starts, size, step, hidden)
+        return 1
+
+    def _reserve_burst(self, works: list[Work]) -> int:
+        """How many greedy steps to run back to back (see `_greedy`), with cache blocks reserved for all of them.
+
+        No request may pass its max_tokens: a plain step emits one token, a speculative one one or two and writes a
+        draft row past them, so a request with `left` tokens to go takes at most left (plain) or (left + 1) // 2
+        steps. Blocks the pool cannot give make it one step, which the scheduler has reserved already."""
+        n = self.multi_step
+        for w in works:
+            left = w.req.params.max_tokens - w.req.num_generated
+            n = min(n, (left + 1) // 2 if self.speculative else left)
+        if n > 1 and all(self.cache.reserve(w.req.blocks, w.start + n * len(w.tokens)) for w in works):
+            return n
+        return 1
 
     def _prompt_logprobs(self, works: list[Work], starts: list[int], logits) -> None:
         for w, r0 in zip(works, starts):
@@ -270,39 +295,65 @@ class Engine:
             emitted = verify(reqs, lg, lg_next)
             first = self._logprobs(reqs, lg, [e[0] for e in emitted])
             second = self._logprobs(reqs, lg_next, [e[-1] for e in emitted])
-            for (w, _), toks, lp1, lp2 in zip(spec, emitted, first, second):
-                self._emit_verified(w, toks, lp1, lp2)
+            for req, toks, lp1, lp2 in zip(reqs, emitted, first, second):
+                self._emit_verified(req, toks, lp1, lp2)
 
-    def _emit_verified(self, w: Work, toks: list[int], lp1: TokenLogprob | None, lp2: TokenLogprob | None) -> None:
-        """A verified draft: toks is [draft, bonus] if it was accepted, else [correction]."""
-        req, accepted = w.req, len(toks) == 2
+    def _emit_verified(self, req: Request, toks: list[int], lp1: TokenLogprob | None, lp2: TokenLogprob | None) -> None:
+        """A verified draft: toks is [draft, bonus] if it was accepted, else [correction]. The request fed its last
+        token at position num_computed and the draft after it."""
+        accepted = len(toks) == 2
         self._stats["drafted"] += 1
         self._stats["accepted"] += accepted
-        req.num_computed = w.start + 1 + accepted
+        req.num_computed += 1 + accepted
         req.draft = req.draft_probs = None
         req.append(toks[0], lp1)
         if accepted and req.finish_reason is None:
             req.append(toks[1], lp2)
 
-    def _greedy_speculative(self, works: list[Work], starts: list[int], host, size: int | None) -> None:
-        """A decode step of plain greedy requests: one forward pair, one sync; verification is then a comparison."""
-        if size:
-            out, load = self.graphs.greedy_speculative(host)
-        else:
-            out, load = self.runner.greedy_speculative(self.runner.to_device(host))
-        if load is not None:
-            self._load += load
-        tokens, drafts = out.tolist()
-        for w, r0 in zip(works, starts):
-            req = w.req
-            if len(w.tokens) == 2:
-                self._emit_verified(w, [req.draft, tokens[r0 + 1]] if req.draft == tokens[r0] else [tokens[r0]],
-                                    None, None)
+    def _greedy(self, works: list[Work], starts: list[int], host, size: int | None, n: int) -> None:
+        """n decode steps of plain greedy requests with one host round trip (`ModelRunner.greedy_step`).
+
+        Each step's function ends by rewriting its input rows into the next step's (the chosen tokens at the next
+        positions), so the n steps are launched back to back and the device never waits for the host in between;
+        their tokens come back in one copy. A request that stops within the burst ignores the steps after: they
+        only wrote cache slots it owns, and the expert load, counted once the host knows which rows were live, leaves
+        them out. Speculating, each step verifies the drafts, emits one or two tokens per
+        request and drafts the next, all on the device."""
+        spec = self.speculative
+        step = None if size else self.runner.to_device(host)
+        history = routes = None
+        for i in range(n):
+            if size:
+                out, routing = self.graphs.greedy(host if i == 0 else None, size, spec)
             else:
-                req.num_computed = w.start + 1
-                req.append(tokens[r0], None)
-            if req.finish_reason is None:
-                req.draft = drafts[r0 + req.num_computed - 1 - w.start]
+                out, routing = self.runner.greedy_step(step, spec)
+            if history is None:
+                history = out.new_empty(n, *out.shape)  # [n, 1 or 2, rows]
+                routes = None if routing is None else routing.new_empty(n, *routing.shape)  # [n, L, rows, K]
+            # A graph's outputs are overwritten by its next replay.
+            history[i].copy_(out)
+            if routes is not None:
+                routes[i].copy_(routing)
+        live = []  # [n][rows]: the rows whose request had not stopped before the step
+        for out in history.tolist():
+            tokens = out[0]
+            live.append([False] * len(tokens))
+            for w, r0 in zip(works, starts):
+                req = w.req
+                if req.finish_reason is not None:
+                    continue
+                live[-1][r0:r0 + len(w.tokens)] = [True] * len(w.tokens)
+                if not spec:
+                    req.num_computed += 1
+                    req.append(tokens[r0], None)
+                    continue
+                accepted = req.draft == tokens[r0]
+                self._emit_verified(req, [req.draft, tokens[r0 + 1]] if accepted else [tokens[r0]], None, None)
+                if req.finish_reason is None:
+                    req.draft = out[1][r0 + accepted]
+        if routes is not None:
+            valid = torch.tensor(live).flatten().to(self.device, non_blocking=True)
+            self._load += self.runner.expert_load(routes.transpose(0, 1).flatten(1, 2), valid)
 
     def _logprobs(self, reqs: list[Request], lg: torch.Tensor, tokens: list[int]) -> list[TokenLogprob | None]:
         rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]

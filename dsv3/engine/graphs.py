@@ -12,9 +12,9 @@ Notable features:
   fuses the chains of small elementwise kernels (norms with their fp32 casts, rope, gate scoring, silu * up,
   residual adds) into a few; the compiled function is then captured like the eager one. Without CUDA graphs (the
   CPU) the buckets still apply and the compiled functions run directly.
-- Speculative steps whose requests are all plain greedy run main forward, verification argmax and drafter as one
-  function with a single host sync; other speculative steps run the main function, verify on the host, then the
-  drafter's.
+- Steps whose requests are all plain greedy run main forward and argmax (speculating, also the drafter and its
+  argmax) as one function that leaves the next step's rows in the input buffer, so the engine can replay it again
+  at once; other speculative steps run the main function, verify on the host, then the drafter's.
 - All functions share one set of static input buffers (rows, block tables of the full table width, next-token
   ids), so each step costs two host-to-device copies before the replay; captured graphs share one memory pool.
 """
@@ -76,9 +76,12 @@ class DecodeGraphs:
         self.next_ids[: next_ids.shape[0]].copy_(next_ids, non_blocking=True)
         return self.run(("mtp", size))[0]
 
-    def greedy_speculative(self, host: HostRows) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run `ModelRunner.greedy_speculative` (main forward, drafter and both argmaxes) as one function."""
-        return self.run(("greedy_speculative", self._load_inputs(host)))
+    def greedy(self, host: HostRows | None, size: int, speculative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run `ModelRunner.greedy_step` of this bucket as one function: over `host`'s rows, or with host None over
+        the rows the previous greedy step of this bucket left for its successor. -> (argmaxes [1 or 2, size], load)"""
+        if host is not None:
+            self._load_inputs(host)
+        return self.run(("greedy_speculative" if speculative else "greedy", size))
 
     def step_fn(self, key: Key) -> Callable[..., tuple]:
         """The plain (uncompiled) function of a step kind and bucket, reading the static input buffers."""
@@ -93,9 +96,9 @@ class DecodeGraphs:
 
             def fn(hidden):  # the main function's hidden state output of this bucket
                 return (runner.logits(runner.forward_mtp(step, hidden, next_ids)),)
-        elif kind == "greedy_speculative":
+        elif kind in ("greedy", "greedy_speculative"):
             def fn():
-                return runner.greedy_speculative(step)
+                return runner.greedy_step(step, kind == "greedy_speculative")
         else:
             raise ValueError(f"unknown decode step kind {kind!r}")
         return fn
@@ -122,18 +125,23 @@ class DecodeGraphs:
         limit = max(torch._dynamo.config.recompile_limit, 2 * len(self.sizes))
         with torch._dynamo.config.patch(recompile_limit=limit):
             if self.capture:
-                self.graphs[key], self.outputs[key] = self._capture(fn, args)
+                # A greedy step rewrites its input rows (`ModelRunner.greedy_step`): each warm-up run starts from
+                # the rows this step was called with, and so does the replay.
+                rows = self.rows.clone()
+                self.graphs[key], self.outputs[key] = self._capture(fn, args, lambda: self.rows.copy_(rows))
                 self.graphs[key].replay()
             else:
                 self.outputs[key] = fn(*args)
         return self.outputs[key]
 
-    def _capture(self, fn, args: tuple) -> tuple[torch.cuda.CUDAGraph, tuple]:
+    def _capture(self, fn, args: tuple, reset: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, tuple]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # the first call compiles, when compiling
+                reset()
                 fn(*args)
+            reset()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
