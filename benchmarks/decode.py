@@ -93,7 +93,7 @@ def time_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> di
     end = time.perf_counter()
     total = sum(len(v) for v in outs.values())
     return {"tokens_per_s": total / (end - t0), "decode_tokens_per_s": (total - first[1]) / (end - first[0]),
-            "seconds": end - t0, "tokens": list(outs.values())}
+            "first_token_s": first[0] - t0, "seconds": end - t0, "tokens": list(outs.values())}
 
 
 def time_engine_repeated(engine: Engine, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
@@ -123,7 +123,7 @@ def engine_for(model, args, batch: int, prompt_len: int, speculative: bool = Fal
     return Engine(model, max_batch_size=batch, block_size=64, num_blocks=batch * per_seq + 1,
                   max_seq_len=prompt_len + args.new_tokens + 1, speculative=speculative,
                   cuda_graphs=not args.no_graphs, decode_kernel=args.kernel, compile=args.compile,
-                  multi_step=args.multi_step)
+                  multi_step=args.multi_step, num_speculative_tokens=args.speculative_tokens)
 
 
 def versus_transformers(args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -206,7 +206,8 @@ def speculative_speedup(args, device: torch.device, dtype: torch.dtype) -> dict:
         prompts = torch.randint(0, cfg.vocab_size, (4, args.prompt_len), generator=gen).tolist()
     longest = max(len(p) for p in prompts)
     results: dict = {"model": str(args.model), "dtype": args.dtype, "new_tokens": args.new_tokens,
-                     "compile": args.compile, "multi_step": args.multi_step, "runs": []}
+                     "compile": args.compile, "multi_step": args.multi_step,
+                     "speculative_tokens": args.speculative_tokens, "runs": []}
     plain = engine_for(model, args, 1, longest)
     spec = engine_for(model, args, 1, longest, speculative=True)
     # Warm-up over every prompt: a prompt length not seen yet costs kernel compilations and autotuning (prefill
@@ -214,7 +215,8 @@ def speculative_speedup(args, device: torch.device, dtype: torch.dtype) -> dict:
     for p in prompts:
         time_engine(plain, [p], 8)
         time_engine(spec, [p], 8)
-    drafted0, accepted0 = spec.metrics()["spec_drafted"], spec.metrics()["spec_accepted"]
+    m = spec.metrics()
+    drafted0, accepted0, rounds0 = m["spec_drafted"], m["spec_accepted"], m["spec_rounds"]
     for p in prompts:  # batch 1, one prompt at a time
         a, s = time_engine(plain, [p], args.new_tokens), time_engine(spec, [p], args.new_tokens)
         same = next((i for i, (x, y) in enumerate(zip(a["tokens"][0], s["tokens"][0])) if x != y), args.new_tokens)
@@ -224,10 +226,13 @@ def speculative_speedup(args, device: torch.device, dtype: torch.dtype) -> dict:
                                 "plain_decode_tokens_per_s": a["decode_tokens_per_s"],
                                 "speculative_decode_tokens_per_s": s["decode_tokens_per_s"],
                                 "decode_speedup": s["decode_tokens_per_s"] / a["decode_tokens_per_s"],
+                                "plain_first_token_s": a["first_token_s"],
+                                "speculative_first_token_s": s["first_token_s"],
                                 "common_prefix": same})
         print(results["runs"][-1], flush=True)
     m = spec.metrics()
     results["acceptance_rate"] = (m["spec_accepted"] - accepted0) / max(1, m["spec_drafted"] - drafted0)
+    results["accepted_per_step"] = (m["spec_accepted"] - accepted0) / max(1, m["spec_rounds"] - rounds0)
     for key in ("speedup", "decode_speedup"):
         results[f"mean_{key}"] = sum(r[key] for r in results["runs"]) / len(results["runs"])
     return results
@@ -249,6 +254,8 @@ def main() -> None:
     p.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"], help="decode attention")
     p.add_argument("--no-graphs", action="store_true", help="run the decode step eagerly")
     p.add_argument("--compile", action="store_true", help="torch.compile each decode bucket's step")
+    p.add_argument("--speculative-tokens", type=int, default=1,
+                   help="drafts per step: the MTP module chained on its own output past the first (greedy bursts)")
     p.add_argument("--multi-step", type=int, default=DEFAULT_MULTI_STEP,
                    help="greedy decode steps per host round trip (1: a round trip every step)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (the roofline alone)")

@@ -201,7 +201,7 @@ def main() -> None:
                     max_seq_len=args.context + fed, cuda_graphs=False, speculative=args.speculative)
     width = blocks_for(engine.max_seq_len, BLOCK_SIZE)
     rows = args.batch * fed
-    eager = DecodeGraphs(engine.runner, rows, width, capture=False)
+    eager = DecodeGraphs(engine.runner, rows, width, capture=False, drafts=fed - 1)
     host = decode_inputs(engine, eager, args.batch, args.context, fed)
     results = {"preset": args.preset, "batch": args.batch, "context": args.context, "device": str(device),
                "speculative": args.speculative, "layers": cfg.num_hidden_layers,
@@ -213,7 +213,7 @@ def main() -> None:
     if args.compile:
         from torch._inductor.utils import run_and_get_code
 
-        compiled = DecodeGraphs(engine.runner, rows, width, capture=False, compile=True)
+        compiled = DecodeGraphs(engine.runner, rows, width, capture=False, compile=True, drafts=fed - 1)
         t0 = time.perf_counter()
         with torch.no_grad():
             _, codes = run_and_get_code(step_of(compiled, args.speculative), host)
@@ -228,7 +228,7 @@ def main() -> None:
                 results["compiled"]["device"] = kernel_profile(
                     lambda: step_of(compiled, args.speculative)(host), device)
     if args.trace and device.type == "cuda":
-        graphs = DecodeGraphs(engine.runner, rows, width, capture=True, compile=args.compile)
+        graphs = DecodeGraphs(engine.runner, rows, width, capture=True, compile=args.compile, drafts=fed - 1)
         results["graph_timeline"] = graph_timeline(step_of(graphs, args.speculative), host, device)
     save_results(f"decode_kernels_{args.preset}_b{args.batch}" + ("_speculative" if args.speculative else ""),
                  results)

@@ -148,11 +148,11 @@ def test_speculative_greedy_equals_plain_and_reports_acceptance():
     assert m["steps"] < plain_engine.metrics()["steps"]  # accepted drafts save steps
 
 
-@pytest.mark.parametrize("speculative", [False, True])
-def test_greedy_bursts_give_the_tokens_of_single_steps(speculative):
+@pytest.mark.parametrize("speculative,drafts", [(False, 1), (True, 1), (True, 2), (True, 3)])
+def test_greedy_bursts_give_the_tokens_of_single_steps(speculative, drafts):
     # Up to multi_step greedy steps run with one host round trip, each step's rows written by the one before on the
     # device. Requests stopping mid-burst (a stop token, max_tokens), joining later, or short of cache blocks (the
-    # tight pool) must come out as one step at a time gives them.
+    # tight pool) must come out as one step at a time gives them, and with several drafts a step as with one.
     model = drafting_model() if speculative else tiny_model()
     ps = prompts([6, 15, 2, 9], seed=12)
     stop = naive_greedy(model, ps[1], 12)[7]
@@ -160,7 +160,8 @@ def test_greedy_bursts_give_the_tokens_of_single_steps(speculative):
     joins = [0, 0, 2, 5]
 
     def run(multi_step, num_blocks):
-        engine = Engine(model, block_size=4, num_blocks=num_blocks, speculative=speculative, multi_step=multi_step)
+        engine = Engine(model, block_size=4, num_blocks=num_blocks, speculative=speculative, multi_step=multi_step,
+                        num_speculative_tokens=drafts)
         got, step, chunks = {}, 0, []
         while step <= max(joins) or engine.has_unfinished():
             for i, at in enumerate(joins):
@@ -174,7 +175,7 @@ def test_greedy_bursts_give_the_tokens_of_single_steps(speculative):
         return [got[str(i)] for i in range(len(ps))], max(chunks), step
 
     single, most, calls = run(1, 64)
-    assert most == (2 if speculative else 1)
+    assert most <= (1 + drafts if speculative else 1)
     assert single[1][-1] == stop and len(single[1]) < 12
     assert single[0] == naive_greedy(model, ps[0], 17)
     burst, most, burst_calls = run(8, 64)
@@ -198,6 +199,37 @@ def test_drafts_are_the_mtp_modules_predictions():
                 assert req.draft == out.mtp_logits[0][0, len(req.tokens) - 2].argmax().item()
                 checked += 1
     assert checked >= 15
+
+
+def test_chained_drafts_are_the_mtp_module_run_on_its_own_output():
+    # White box: with three drafts a step, a request's second and third drafts come from MTP depth 1 run again on
+    # its previous output, at the next positions, over the true depth-1 states before (a full forward's).
+    model = drafting_model()
+    engine = Engine(model, block_size=4, num_blocks=64, speculative=True, num_speculative_tokens=3)
+    for p in prompts([4, 13], seed=6):
+        engine.add_request(p, greedy(30))
+    mtp, checked = model.mtp[0], 0
+    while engine.has_unfinished():
+        engine.step()
+        for req in engine._requests.values():
+            if len(req.chained) != 2:
+                continue
+            t = len(req.tokens)
+            with torch.no_grad():
+                out = model(torch.tensor([req.tokens]), mtp=True)
+                h, emb = out.mtp_hidden[0][0, : t - 1], model.embed_tokens(torch.tensor(req.tokens[1:]))
+                states, ids, guesses = torch.cat([out.hidden[0, : t - 1], h[-1:]]), [], [req.draft, *req.chained]
+                for d in guesses[:-1]:  # depth 1 at positions t - 1, t, ...: the last output and the draft after it
+                    ids.append(d)
+                    emb_d = torch.cat([emb, model.embed_tokens(torch.tensor(ids))])
+                    n = emb_d.shape[0]
+                    cos, sin = model.rotary(torch.arange(n))
+                    y = mtp(emb_d[None], states[None], cos, sin)[0]
+                    assert model.lm_head(y[-1]).argmax().item() == guesses[len(ids)]
+                    states = torch.cat([states, y[-1:]])
+            assert req.draft == model.lm_head(h[-1]).argmax().item()
+            checked += 1
+    assert checked >= 4 and engine.metrics()["spec_accepted"] > 0
 
 
 def test_paged_and_contiguous_caches_give_the_same_logprobs():

@@ -62,11 +62,12 @@ class Engine:
     def __init__(self, model: Transformer, *, max_batch_size: int = 64, max_seq_len: int | None = None,
                  block_size: int = 64, num_blocks: int | None = None, max_prefill_tokens: int = 2048,
                  speculative: bool = False, cuda_graphs: bool | None = None, decode_kernel: str = "auto",
-                 compile: bool = False, multi_step: int = DEFAULT_MULTI_STEP):
+                 compile: bool = False, multi_step: int = DEFAULT_MULTI_STEP, num_speculative_tokens: int = 1):
         cfg = model.cfg
         for name, value in (("max_batch_size", max_batch_size), ("block_size", block_size),
                             ("max_prefill_tokens", max_prefill_tokens), ("max_seq_len", max_seq_len),
-                            ("num_blocks", num_blocks), ("multi_step", multi_step)):
+                            ("num_blocks", num_blocks), ("multi_step", multi_step),
+                            ("num_speculative_tokens", num_speculative_tokens)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
@@ -87,6 +88,7 @@ class Engine:
         self.cfg = cfg
         self.speculative = speculative
         self.multi_step = multi_step
+        self.num_speculative_tokens = num_speculative_tokens
         self.eos_token_id: int | None = cfg.eos_token_id
         layers = cfg.num_hidden_layers + int(speculative)  # the drafter's attention has a cache layer of its own
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -113,14 +115,14 @@ class Engine:
         self.graphs = None
         capture = cuda_graphs if cuda_graphs is not None else capturable
         if capture or compile:
-            max_rows = max_batch_size * (2 if speculative else 1)
+            max_rows = max_batch_size * (1 + num_speculative_tokens if speculative else 1)
             self.graphs = DecodeGraphs(self.runner, max_rows, blocks_for(self.max_seq_len, block_size), capture=capture,
-                                       compile=compile)
+                                       compile=compile, drafts=num_speculative_tokens if speculative else 0)
 
         self._requests: dict[str, Request] = {}
         self._aborted: list[RequestOutput] = []
         self._next_id = 0
-        self._stats = dict(steps=0, generated=0, drafted=0, accepted=0)
+        self._stats = dict(steps=0, generated=0, drafted=0, accepted=0, rounds=0)
         moes = self.runner.moes
         self._load = (torch.zeros(len(moes), cfg.n_routed_experts, device=self.device) if moes else None)
 
@@ -207,18 +209,28 @@ class Engine:
 
     def _forward(self, works: list[Work]) -> int:
         """Run this step's works -> the number of forwards run (more than one for a greedy burst)."""
+        g = 1 + self.num_speculative_tokens if self.speculative else 1  # rows a request feeds in a greedy burst
+        greedy = all(w.decode and _plain_greedy(w.req.params) and (g == 1 or len(w.tokens) > 1) for w in works)
+        n = self._reserve_burst(works, g) if greedy else 0
+        for w in works:
+            if not (self.speculative and w.decode):
+                continue
+            if n:
+                # Fill the drafts up (a request may have fewer, e.g. after a step that was no burst): the
+                # verification rejects a filler unless it is right.
+                w.tokens += [w.tokens[-1]] * (g - len(w.tokens))
+            else:
+                del w.tokens[2:]  # one draft outside bursts
+            w.req.chained = w.tokens[2:]
         rows = sum(len(w.tokens) for w in works)
         size = self.graphs.bucket(rows) if self.graphs and all(w.decode for w in works) else None
-        fed = 2 if self.speculative else 1  # a decoding request's rows: its last token (and its draft)
-        burst = all(w.decode and len(w.tokens) == fed and _plain_greedy(w.req.params) for w in works)
-        n = self._reserve_burst(works) if burst else 1
         host = rows_for(works, self.cache, pad_to=size, width=self.graphs.width if size else None)
         starts, r = [], 0
         for w in works:
             starts.append(r)
             r += len(w.tokens)
-        if burst:
-            self._greedy(works, starts, host, size, n)
+        if n:
+            self._greedy(works, starts, host, size, n, g - 1)
             return n
         step = None
         if size:
@@ -240,19 +252,21 @@ class Engine:
             self._draft(works, starts, size, step, hidden)
         return 1
 
-    def _reserve_burst(self, works: list[Work]) -> int:
-        """How many greedy steps to run back to back (see `_greedy`), with cache blocks reserved for all of them.
+    def _reserve_burst(self, works: list[Work], g: int) -> int:
+        """How many greedy steps to run back to back (see `_greedy`) with each request feeding g rows, with cache
+        blocks reserved for all of them; 0 if not one.
 
-        No request may pass its max_tokens: a plain step emits one token, a speculative one one or two and writes a
-        draft row past them, so a request with `left` tokens to go takes at most left (plain) or (left + 1) // 2
-        steps. Blocks the pool cannot give make it one step, which the scheduler has reserved already."""
+        No request may pass its max_tokens: a plain step emits one token, a speculative one 1 to g and writes rows
+        up to g - 1 positions past its first, so a request with `left` tokens to go takes at most left (plain) or
+        (left + 1) // g steps. Blocks the pool cannot give make it one step."""
         n = self.multi_step
         for w in works:
             left = w.req.params.max_tokens - w.req.num_generated
-            n = min(n, (left + 1) // 2 if self.speculative else left)
-        if n > 1 and all(self.cache.reserve(w.req.blocks, w.start + n * len(w.tokens)) for w in works):
-            return n
-        return 1
+            n = min(n, (left + 1) // g if self.speculative else left)
+        for steps in (n, 1) if n > 1 else (n,):
+            if steps and all(self.cache.reserve(w.req.blocks, w.start + steps * g) for w in works):
+                return steps
+        return 0
 
     def _prompt_logprobs(self, works: list[Work], starts: list[int], logits) -> None:
         for w, r0 in zip(works, starts):
@@ -296,37 +310,39 @@ class Engine:
             first = self._logprobs(reqs, lg, [e[0] for e in emitted])
             second = self._logprobs(reqs, lg_next, [e[-1] for e in emitted])
             for req, toks, lp1, lp2 in zip(reqs, emitted, first, second):
-                self._emit_verified(req, toks, lp1, lp2)
+                self._emit_verified(req, 1, toks, [lp1, lp2][:len(toks)])
 
-    def _emit_verified(self, req: Request, toks: list[int], lp1: TokenLogprob | None, lp2: TokenLogprob | None) -> None:
-        """A verified draft: toks is [draft, bonus] if it was accepted, else [correction]. The request fed its last
-        token at position num_computed and the draft after it."""
-        accepted = len(toks) == 2
-        self._stats["drafted"] += 1
-        self._stats["accepted"] += accepted
-        req.num_computed += 1 + accepted
+    def _emit_verified(self, req: Request, drafted: int, toks: list[int],
+                       logprobs: list[TokenLogprob | None] | None = None) -> None:
+        """Verified drafts: toks is the accepted ones, then the token chosen after them (a correction or a bonus).
+        The request fed its last token at position num_computed and its `drafted` drafts after it."""
+        self._stats["drafted"] += drafted
+        self._stats["accepted"] += len(toks) - 1
+        self._stats["rounds"] += 1
+        req.num_computed += len(toks)
         req.draft = req.draft_probs = None
-        req.append(toks[0], lp1)
-        if accepted and req.finish_reason is None:
-            req.append(toks[1], lp2)
+        req.chained = []
+        for t, lp in zip(toks, logprobs or [None] * len(toks)):
+            if req.finish_reason is not None:
+                break
+            req.append(t, lp)
 
-    def _greedy(self, works: list[Work], starts: list[int], host, size: int | None, n: int) -> None:
+    def _greedy(self, works: list[Work], starts: list[int], host, size: int | None, n: int, k: int) -> None:
         """n decode steps of plain greedy requests with one host round trip (`ModelRunner.greedy_step`).
 
         Each step's function ends by rewriting its input rows into the next step's (the chosen tokens at the next
         positions), so the n steps are launched back to back and the device never waits for the host in between;
         their tokens come back in one copy. A request that stops within the burst ignores the steps after: they
         only wrote cache slots it owns, and the expert load, counted once the host knows which rows were live, leaves
-        them out. Speculating, each step verifies the drafts, emits one or two tokens per
-        request and drafts the next, all on the device."""
-        spec = self.speculative
+        them out. Speculating with k drafts, each step verifies them, emits 1 to k + 1 tokens per request and
+        drafts the next k, all on the device."""
         step = None if size else self.runner.to_device(host)
         history = routes = None
         for i in range(n):
             if size:
-                out, routing = self.graphs.greedy(host if i == 0 else None, size, spec)
+                out, routing = self.graphs.greedy(host if i == 0 else None, size, k > 0)
             else:
-                out, routing = self.runner.greedy_step(step, spec)
+                out, routing = self.runner.greedy_step(step, k)
             if history is None:
                 history = out.new_empty(n, *out.shape)  # [n, 1 or 2, rows]
                 routes = None if routing is None else routing.new_empty(n, *routing.shape)  # [n, L, rows, K]
@@ -343,14 +359,16 @@ class Engine:
                 if req.finish_reason is not None:
                     continue
                 live[-1][r0:r0 + len(w.tokens)] = [True] * len(w.tokens)
-                if not spec:
+                if not k:
                     req.num_computed += 1
                     req.append(tokens[r0], None)
                     continue
-                accepted = req.draft == tokens[r0]
-                self._emit_verified(req, [req.draft, tokens[r0 + 1]] if accepted else [tokens[r0]], None, None)
+                drafts, a = [req.draft, *req.chained], 0
+                while a < k and drafts[a] == tokens[r0 + a]:
+                    a += 1
+                self._emit_verified(req, k, drafts[:a] + [tokens[r0 + a]])
                 if req.finish_reason is None:
-                    req.draft = out[1][r0 + accepted]
+                    req.draft, req.chained = out[1][r0], out[1][r0 + 1:r0 + k]
         if routes is not None:
             valid = torch.tensor(live).flatten().to(self.device, non_blocking=True)
             self._load += self.runner.expert_load(routes.transpose(0, 1).flatten(1, 2), valid)
@@ -420,8 +438,10 @@ class Engine:
             "cache_blocks_used": alloc.num_used, "cache_blocks_total": alloc.num_blocks,
             "block_size": self.cache.block_size, "preemptions": self.scheduler.num_preemptions,
             "steps": s["steps"], "generated_tokens": s["generated"],
-            "spec_drafted": s["drafted"], "spec_accepted": s["accepted"],
+            "spec_drafted": s["drafted"], "spec_accepted": s["accepted"], "spec_rounds": s["rounds"],
             "acceptance_rate": s["accepted"] / s["drafted"] if s["drafted"] else None,
+            # drafts accepted per verification of a request's drafts: a speculative step emits 1 + this tokens
+            "accepted_per_step": s["accepted"] / s["rounds"] if s["rounds"] else None,
             # tokens routed to each expert, per MoE layer of the main model, since the engine started
             "expert_load": self._load.long().tolist() if self._load is not None else [],
             "cuda_graphs": self.graphs is not None and self.graphs.capture,

@@ -1,7 +1,8 @@
 """The decode step at fixed row counts: CUDA graphs and torch.compile of the main forward and the MTP drafter.
 
 Notable features:
-- Decode-only steps are padded up to a bucket of rows (1, 2, 4, 8, then multiples of 16) and run one fixed-shape
+- Decode-only steps are padded up to a bucket of rows (1, 2, 4, 8, then multiples of 16; times 1 + drafts when
+  speculating, so that a bucket holds whole sequences of a greedy speculative step) and run one fixed-shape
   function per bucket; padding rows write to the scratch block and are masked out of the expert load, and their
   outputs are never read.
 - CUDA graphs: a decode step launches hundreds of small kernels; replaying a captured graph launches them all in
@@ -38,13 +39,17 @@ def buckets(max_rows: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, max_rows: int, width: int, capture: bool = True, compile: bool = False):
+    def __init__(self, runner: ModelRunner, max_rows: int, width: int, capture: bool = True, compile: bool = False,
+                 drafts: int = 0):
         self.runner = runner
+        self.drafts = drafts  # drafts per sequence of a greedy speculative step (0: the engine does not speculate)
         self.width = width
         self.capture = capture
         self.compile = compile
         self.backend = "inductor"  # torch.compile's backend (the tests trace with "aot_eager", which is quicker)
-        self.sizes = buckets(max_rows)
+        # A greedy speculative step lays each sequence out as 1 + drafts rows: buckets hold whole sequences.
+        group = 1 + drafts
+        self.sizes = [group * n for n in buckets(-(-max_rows // group))]
         dev = runner.device
         self.rows = torch.zeros(max_rows, 6, dtype=torch.int64, device=dev)
         self.rows[:, LEN] = 1
@@ -77,8 +82,9 @@ class DecodeGraphs:
         return self.run(("mtp", size))[0]
 
     def greedy(self, host: HostRows | None, size: int, speculative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run `ModelRunner.greedy_step` of this bucket as one function: over `host`'s rows, or with host None over
-        the rows the previous greedy step of this bucket left for its successor. -> (argmaxes [1 or 2, size], load)"""
+        """Run `ModelRunner.greedy_step` of this bucket as one function, speculating with `self.drafts` drafts per
+        sequence or not: over `host`'s rows, or with host None over the rows the previous greedy step of this bucket
+        left for its successor. -> (argmaxes (and drafts) [1 or 2, size], routing)"""
         if host is not None:
             self._load_inputs(host)
         return self.run(("greedy_speculative" if speculative else "greedy", size))
@@ -97,8 +103,10 @@ class DecodeGraphs:
             def fn(hidden):  # the main function's hidden state output of this bucket
                 return (runner.logits(runner.forward_mtp(step, hidden, next_ids)),)
         elif kind in ("greedy", "greedy_speculative"):
+            drafts = self.drafts if kind == "greedy_speculative" else 0
+
             def fn():
-                return runner.greedy_step(step, kind == "greedy_speculative")
+                return runner.greedy_step(step, drafts)
         else:
             raise ValueError(f"unknown decode step kind {kind!r}")
         return fn

@@ -113,6 +113,7 @@ class Request:
     generator: torch.Generator | None = None
     draft: int | None = None  # speculative: the MTP module's guess of the token after tokens[-1]
     draft_probs: torch.Tensor | None = None  # [V] the distribution the draft was drawn from
+    chained: list[int] = field(default_factory=list)  # greedy bursts: further drafts after `draft` (engine.py)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     new_tokens: list[int] = field(default_factory=list)  # generated since the last output
     new_logprobs: list[TokenLogprob] = field(default_factory=list)

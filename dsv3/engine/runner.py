@@ -7,9 +7,9 @@ Notable features:
   for the cache-backed one, through the blocks' `attn` hook.
 - RoPE cos/sin come from a table over every position the engine serves, built once from the model's rotary
   module: one gather per step instead of recomputing the angles.
-- `greedy_step` runs a decode step of plain greedy requests (main forward, argmax, and speculating the drafter
-  and its argmax) as one call that needs no host round trip, and leaves the next step's rows in its input
-  buffer; CUDA graphs capture it whole and replay it back to back.
+- `greedy_step` runs a decode step of plain greedy requests (main forward, argmax, and speculating the
+  verification and the drafter, chained for more than one draft) as one call that needs no host round trip, and
+  leaves the next step's rows in its input buffer; CUDA graphs capture it whole and replay it back to back.
 - The model's sibling projections share one weight buffer each (`Transformer.share_input_weights`), so a step
   runs one GEMM for MLA's q and kv_a projections and one for an MLP's gate and up.
 - Expert load per MoE layer is counted from each MoE's routing of the step, over real rows only: the padding rows
@@ -22,9 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..model import MoE, Transformer
-from .attention import ID, LEN, POS, SEQ, SLOT, Step, cache_attention
+from .attention import ID, LEN, POS, SEQ, SLOT, VALID, Step, cache_attention
 from .cache import LatentCache
 from .request import Request
 
@@ -113,42 +114,65 @@ class ModelRunner:
         attn = cache_attention(mtp.block.self_attn, self.cache.layer(m.cfg.num_hidden_layers), step)
         return mtp(m.embed_tokens(next_ids).unsqueeze(0), hidden.unsqueeze(0), cos, sin, attn=attn)[0]
 
-    def greedy_step(self, step: Step, speculative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def greedy_step(self, step: Step, drafts: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A decode step of requests that are all plain greedy, with no trip to the host: the token after each row is
-        the argmax of its logits. Speculating, every sequence feeds two rows (its last token and its draft) and the
-        drafter reads each row's argmax as the token after it. The step's rows are then rewritten in place into the
-        next step's (`_advance`). -> ([1 or 2, R] the argmax of the main (and of the MTP) logits of each row, the
-        routing of each row (`routing`)): the engine counts the expert load once it knows which rows were live."""
+        the argmax of its logits. With `drafts` k > 0 (speculating) every sequence feeds G = k + 1 rows, its last
+        token and k drafts; a draft is accepted when it is the token after the row before it, and the sequence's
+        next k drafts come from the MTP module (`_drafts`). The step's rows are then rewritten in place into the
+        next step's. -> (out, the routing of each row (`routing`), which the engine counts as expert load once it
+        knows which rows were live). out is [1, R], the argmax of each row, or speculating [2, R], that and each
+        sequence's next drafts in the first k of its G rows."""
         hidden = self._hidden(step)
-        tokens = self.logits(hidden).argmax(dim=-1)
-        if speculative:
-            drafts = self.logits(self.forward_mtp(step, hidden, tokens)).argmax(dim=-1)
-            out = torch.stack([tokens, drafts])
+        tokens = self.logits(hidden).argmax(dim=-1)  # [R]
+        g = drafts + 1
+        rows = step.rows.view(-1, g, step.rows.shape[1])  # [P, G, 6]: the rows of P sequences
+        chosen = tokens.view(-1, g)  # [P, G]
+        if drafts:
+            right = rows[:, 1:, ID] == chosen[:, :-1]  # [P, k]
+            accepted = right.long().cumprod(dim=1).sum(dim=1, keepdim=True)  # [P, 1]: drafts right in a row
+            new = self._drafts(step, hidden, tokens, rows[:, 0], accepted, drafts)  # [P, k]
+            fed = torch.cat([chosen.gather(1, accepted), new], dim=1)  # [P, G]
+            out = torch.stack([tokens, F.pad(new, (0, 1)).flatten()])
         else:
-            out = tokens.unsqueeze(0)
-        self._advance(step, out)
+            accepted = torch.zeros_like(chosen)
+            fed, out = chosen, tokens.unsqueeze(0)
+        # Each sequence moves on past its fed token and accepted drafts, feeding the token chosen after them.
+        pos = rows[:, 0, POS, None] + 1 + accepted + torch.arange(g, device=tokens.device)  # [P, G]
+        step.rows.copy_(self._rows_at(step, step.rows, fed.flatten(), pos.flatten()))
         return out, self.routing() if self.moes else None
 
-    def _advance(self, step: Step, out: torch.Tensor) -> None:
-        """Rewrite a greedy step's rows into those of the step after it, as the host would lay them out: each
-        sequence feeds the token it chose at the position after its last one. Speculating, a sequence whose draft
-        was right (the argmax of its first row) moves on by two positions and feeds its second row's argmax, else by
-        one and feeds its first row's, each with the drafter's guess from that row as the new draft. Padding rows
-        stay as they are."""
-        rows, bs = step.rows, self.cache.block_size
-        if out.shape[0] == 1:
-            ids, pos = out[0], rows[:, POS] + 1
-        else:
-            tokens, drafts = out.view(2, -1, 2).unbind(0)  # [P, 2] each: the rows of P sequences, in pairs
-            pairs = rows.view(-1, 2, rows.shape[1])
-            accepted = (pairs[:, 1, ID] == tokens[:, 0]).long().unsqueeze(1)  # [P, 1]
-            ids = torch.cat([tokens.gather(1, accepted), drafts.gather(1, accepted)], dim=1).flatten()
-            pos = (pairs[:, 0, POS, None] + 1 + accepted + torch.arange(2, device=rows.device)).flatten()
+    def _drafts(self, step: Step, hidden: torch.Tensor, tokens: torch.Tensor, first: torch.Tensor,
+                accepted: torch.Tensor, k: int) -> torch.Tensor:
+        """The next k drafts of each sequence of a greedy speculative step -> [P, k].
+
+        The drafter runs over every row (its cache layer needs each row's latent), reading the row's main hidden
+        state and the token chosen after it; the row of the last accepted position gives the first draft. Each
+        further draft runs the MTP module on its own previous output, as a depth-2 module would read depth 1's,
+        one row per sequence at the next position; its cache writes there are overwritten by the next step's
+        drafter rows before any of them reads the slot. first: [P, 6] each sequence's first row."""
+        g = k + 1
+        m = self.forward_mtp(step, hidden, tokens)  # [R, D]
+        guess = self.logits(m).argmax(dim=-1).view(-1, g)  # [P, G]
+        out = [guess.gather(1, accepted)]  # [P, 1]
+        h = m.view(-1, g, m.shape[-1]).gather(1, accepted.unsqueeze(2).expand(-1, -1, m.shape[-1]))[:, 0]  # [P, D]
+        for j in range(1, k):
+            # Call j sits at the next fed position + j - 1; the previous call's output stands for its hidden state.
+            pos = first[:, POS] + accepted[:, 0] + j
+            chain = Step(self._rows_at(step, first, out[-1][:, 0], pos), step.tables, first.shape[0], [],
+                         step.use_triton)
+            h = self.forward_mtp(chain, h, out[-1][:, 0])
+            out.append(self.logits(h).argmax(dim=-1, keepdim=True))
+        return torch.cat(out, dim=1)
+
+    def _rows_at(self, step: Step, rows: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """rows [N, 6] moved to feed ids [N] at positions pos [N] of their sequences, as `rows_for` lays a decode
+        row out; padding rows (not valid) stay as they are, on the scratch slot."""
+        bs, tables = self.cache.block_size, step.tables
         # Padding rows would index past the table; they keep their old row anyway.
-        block = step.tables[rows[:, SEQ], (pos // bs).clamp(max=step.tables.shape[1] - 1)]
+        block = tables[rows[:, SEQ], (pos // bs).clamp(max=tables.shape[1] - 1)]
         nxt = rows.clone()
         nxt[:, ID], nxt[:, POS], nxt[:, SLOT], nxt[:, LEN] = ids, pos, block * bs + pos % bs, pos + 1
-        rows.copy_(torch.where(step.valid.unsqueeze(1), nxt, rows))
+        return torch.where(rows[:, VALID, None].bool(), nxt, rows)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()  # [N, V]

@@ -1,7 +1,7 @@
 """Which tokens of which requests the next forward runs: continuous batching, chunked prefill, preemption.
 
 Each step:
-1. Every running request that is decoding (all but its last token cached) feeds its last token, plus its draft when
+1. Every running request that is decoding (all but its last token cached) feeds its last token, plus its drafts when
    speculating. Its blocks grow as needed; when the pool is empty the newest running request is preempted (its
    blocks freed, its cache to be recomputed later), down to the request itself if it is the newest. The oldest
    request therefore always progresses.
@@ -54,7 +54,9 @@ class Scheduler:
             if req.decoding:
                 tokens = [req.tokens[-1]]
                 if self.speculative and req.draft is not None:
-                    tokens.append(req.draft)
+                    # No row past the request's last position: it has `left` tokens to go.
+                    left = req.params.max_tokens - req.num_generated
+                    tokens += [req.draft, *req.chained][:left]
                 if self._reserve(req, req.num_computed + len(tokens)):
                     decode.append(Work(req, tokens, req.num_computed, decode=True))
             elif budget > 0:
@@ -103,5 +105,6 @@ class Scheduler:
         self.cache.release(req.blocks)
         req.num_computed = 0
         req.draft = req.draft_probs = None
+        req.chained = []
         self.waiting.appendleft(req)
         self.num_preemptions += 1
