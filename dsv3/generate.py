@@ -6,8 +6,9 @@ Notable features:
 - `generate` prepends BOS (unless --no-bos) and continues the prompt; `chat` renders the model's own chat template
   over the conversation each turn and keeps the assistant's replies in the history (/reset, /exit).
 - `--compile` runs the decode step through torch.compile (fused kernels, then the CUDA graph).
-- `--speculative` loads the MTP module and drafts with it; statistics go to stderr at the end of each reply:
-  prompt and generated tokens, time to first token, decode tokens/s, and the draft acceptance rate.
+- `--speculative` loads the MTP module and drafts with it (`--speculative-tokens` drafts a step); statistics go to
+  stderr at the end of each reply: prompt and generated tokens, time to first token, decode tokens/s, the draft
+  acceptance rate and the drafts accepted a step.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def _add_common(p, max_tokens: int) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all (0)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--speculative", action="store_true", help="draft with the model's MTP module")
+    p.add_argument("--speculative-tokens", type=int, default=1,
+                   help="drafts per step for greedy decoding: past the first, the MTP module reads its own output (1)")
     p.add_argument("--device", default=None, help="cuda or cpu (cuda when available)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="weights and cache (bfloat16 on CUDA, float32 on the CPU)")
@@ -49,7 +52,7 @@ def load(args) -> tuple[Engine, Tokenizer]:
     print(f"loading {args.model} on {device} ({dtype})", file=sys.stderr)
     model = load_model(args.model, device=device, dtype=dtype, mtp=args.speculative)
     engine = Engine(model, max_batch_size=1, max_seq_len=args.max_seq_len, speculative=args.speculative,
-                    compile=args.compile)
+                    compile=args.compile, num_speculative_tokens=args.speculative_tokens)
     return engine, tokenizer
 
 
@@ -88,7 +91,9 @@ def stream(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], params: 
             stats += f", {(len(ids) - 1) / (end - first):.1f} tokens/s"
     drafted = after["spec_drafted"] - before["spec_drafted"]
     if drafted:
-        stats += f", draft acceptance {(after['spec_accepted'] - before['spec_accepted']) / drafted:.1%}"
+        accepted = after["spec_accepted"] - before["spec_accepted"]
+        stats += (f", draft acceptance {accepted / drafted:.1%}, "
+                  f"{accepted / (after['spec_rounds'] - before['spec_rounds']):.2f} drafts accepted a step")
     print(stats + "]", file=sys.stderr)
     return ids
 

@@ -54,15 +54,17 @@ def _reference(folder, prompt_ids, max_tokens):
     return tok.decode(engine.generate([prompt_ids], params)[0].token_ids, skip_special=True)
 
 
-def test_generate_streams_the_engines_greedy_text(checkpoint, capsys):
+@pytest.mark.parametrize("speculative", [[], ["--speculative", "--speculative-tokens", "2"]])
+def test_generate_streams_the_engines_greedy_text(checkpoint, capsys, speculative):
     tok = Tokenizer.from_path(checkpoint)
     prompt = "héllo the quick"
     assert _run(["generate", "--model", str(checkpoint), "--prompt", prompt, "--temperature", "0",
-                 "--max-tokens", "12", "--device", "cpu"]) == 0
+                 "--max-tokens", "12", "--device", "cpu", *speculative]) == 0
     out = capsys.readouterr()
     ids = tok.encode(prompt, add_bos=True)
     assert out.out == prompt + _reference(checkpoint, ids, 12) + "\n"
     assert f"[{len(ids)} prompt + " in out.err  # the statistics go to stderr
+    assert ("drafts accepted a step" in out.err) == bool(speculative)
 
 
 def test_chat_renders_the_template_each_turn(checkpoint, capsys, monkeypatch):

@@ -62,7 +62,8 @@ def load_engine(model_dir: str, device: str | None = None, dtype: str | None = N
 def run_serve(args) -> int:
     path = resolve_model(args.model)
     tokenizer = Tokenizer.from_path(path)  # the server's half: text <-> ids and the chat template
-    engine_kw = {k: v for k, v in (("max_batch_size", args.max_batch_size), ("max_seq_len", args.max_seq_len)) if v}
+    engine_kw = {k: v for k, v in (("max_batch_size", args.max_batch_size), ("max_seq_len", args.max_seq_len),
+                                   ("num_speculative_tokens", args.speculative_tokens)) if v}
     make_engine = functools.partial(load_engine, str(path), args.device, args.dtype, args.speculative, args.threads,
                                     **engine_kw)
     config = ServerConfig(model_name=args.served_model_name or str(args.model or path), api_keys=tuple(args.api_key),
@@ -95,6 +96,8 @@ def register(sub) -> None:
     p.add_argument("--max-batch-size", type=int, default=None, help="requests decoded together (the engine's 64)")
     p.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + completion (the engine's default)")
     p.add_argument("--speculative", action="store_true", help="draft with the model's MTP module")
+    p.add_argument("--speculative-tokens", type=int, default=None,
+                   help="drafts per step for greedy requests: past the first, the MTP module reads its own output (1)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the engine on the CPU (all cores but one: the HTTP process needs one)")
     p.add_argument("--max-concurrent", type=int, default=512, help="requests in flight before 429 (512)")
