@@ -50,33 +50,40 @@ def test_compiled_steps_trace_whole_and_match_eager(logprobs, kinds):
     counter = CompileCounterWithBackend("aot_eager")  # counts the graphs dynamo hands to the backend
     engine.graphs.backend = counter
     compiled = engine.generate(ps, params)
-    assert {kind for kind, _ in engine.graphs.fns} == kinds
-    assert counter.frame_count == len(engine.graphs.fns)  # one whole graph per function, none run eagerly
+    decode = [kind for kind, size in engine.graphs.fns if size <= engine.graphs.decode_rows]
+    assert set(decode) == kinds
+    assert counter.frame_count == len(decode)  # one whole graph per decode function, none run eagerly
+    # The prompts' first step ran its rows as decode rows in a larger bucket, uncompiled: main and drafter.
+    assert {key for key in engine.graphs.fns if key[1] > engine.graphs.decode_rows} == {("main", 16), ("mtp", 16)}
     assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
     if logprobs:
         got = torch.tensor([lp.logprob for c in compiled for lp in c.logprobs])
         want = torch.tensor([lp.logprob for c in eager for lp in c.logprobs])
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        # bf16: the prompts' step runs absorbed attention in the compiled engine, expanded in the eager one.
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=0)
     assert engine.metrics()["compiled"] and not engine.metrics()["cuda_graphs"]
 
 
 @pytest.mark.parametrize("speculative,drafts", [(False, 1), (True, 1), (True, 2)])
-def test_compiled_greedy_bursts_over_padded_buckets_match_single_eager_steps(speculative, drafts):
+def test_compiled_greedy_bursts_over_padded_buckets_match_single_steps(speculative, drafts):
     # Three sequences fill a bucket of four (of 4, 8 or 12 rows) with padding rows, which each step's rewrite of its
     # rows for the next one must leave alone; the steps of a burst replay one compiled function.
     model = bf16_model()
     ps = prompts([5, 11, 3], seed=2)
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (12, 9, 14)]
-    eager = Engine(model, block_size=4, num_blocks=48, speculative=speculative, multi_step=1).generate(ps, params)
-    engine = Engine(model, block_size=4, num_blocks=48, speculative=speculative, compile=True,
-                    num_speculative_tokens=drafts)
-    engine.graphs.backend = "aot_eager"
-    compiled = engine.generate(ps, params)
-    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
-    # With two drafts the last token of a request is no burst (no room for the rows): main and drafter run apart.
-    kinds = {"greedy_speculative"} | ({"main", "mtp"} if drafts > 1 else set()) if speculative else {"greedy"}
-    assert {kind for kind, _ in engine.graphs.fns} == kinds
-    assert engine.metrics()["cache_blocks_used"] == 0
+
+    def run(multi_step):
+        engine = Engine(model, block_size=4, num_blocks=48, speculative=speculative, compile=True,
+                        num_speculative_tokens=drafts, multi_step=multi_step)
+        engine.graphs.backend = "aot_eager"
+        out = engine.generate(ps, params)
+        assert engine.metrics()["cache_blocks_used"] == 0
+        return [c.token_ids for c in out], engine.graphs
+
+    single, _ = run(1)
+    burst, graphs = run(8)
+    assert burst == single
+    assert ("greedy_speculative" if speculative else "greedy") in {kind for kind, _ in graphs.fns}
 
 
 @pytest.mark.skipif(os.environ.get("DSV3_SLOW_TESTS") != "1", reason="inductor on the CPU: set DSV3_SLOW_TESTS=1")

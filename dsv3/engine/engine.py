@@ -7,8 +7,9 @@ Notable features:
   cache (cache.py) read by absorbed MLA (attention.py).
 - Per-request sampling (sampling.py) with seeds that make a request reproducible, top-n logprobs and prompt
   logprobs.
-- On CUDA: decode-only steps replay CUDA graphs (graphs.py) and decode attention runs the Triton kernel
-  (ops/mla_decode.py); `cuda_graphs=False` and `decode_kernel="torch"` switch back to eager and the reference.
+- On CUDA: steps of up to 128 rows (decode rows, short prompts) replay CUDA graphs (graphs.py) and decode
+  attention runs the Triton kernel (ops/mla_decode.py); `cuda_graphs=False` and `decode_kernel="torch"` switch
+  back to eager and the reference.
 - `compile=True` compiles each decode bucket's step with torch.compile (fusing its many small kernels) before the
   CUDA graph captures it; on the CPU the compiled steps run without graphs.
 - `speculative=True`: the model's MTP module drafts a token per step and one forward verifies it by rejection
@@ -223,7 +224,7 @@ class Engine:
                 del w.tokens[2:]  # one draft outside bursts
             w.req.chained = w.tokens[2:]
         rows = sum(len(w.tokens) for w in works)
-        size = self.graphs.bucket(rows) if self.graphs and all(w.decode for w in works) else None
+        size = self.graphs.bucket(rows) if self.graphs else None
         host = rows_for(works, self.cache, pad_to=size, width=self.graphs.width if size else None)
         starts, r = [], 0
         for w in works:

@@ -9,7 +9,12 @@ Notable features:
   one call. Capture is lazy: a bucket is captured the first time a step of its size runs (after two warm-up runs on
   a side stream, which compile the Triton kernel and set up cuBLAS); warm-up and capture recompute exactly what the
   replay then writes, so capturing mid-generation is harmless.
-- torch.compile (`compile=True`): each bucket's function is compiled whole (fullgraph=True, dynamic=False), which
+- Steps with prompt rows (a short prompt, or a chunk of one, with decode rows or without) of up to 128 rows run
+  as graphs too, in buckets of 16 to 128 rows past the decode ones: their rows are decode rows to the model, each
+  attending over the cache it has just written (absorbed attention), so a prompt's first step replays one graph
+  instead of launching ~1,000 eager kernels (20-30 ms of time to first token for the `small` model). These buckets
+  are not compiled: a compilation per bucket would cost more than it saves.
+- torch.compile (`compile=True`): each decode bucket's function is compiled whole (fullgraph=True, dynamic=False), which
   fuses the chains of small elementwise kernels (norms with their fp32 casts, rope, gate scoring, silu * up,
   residual adds) into a few; the compiled function is then captured like the eager one. Without CUDA graphs (the
   CPU) the buckets still apply and the compiled functions run directly.
@@ -31,6 +36,7 @@ from .attention import LEN, Step
 from .runner import HostRows, ModelRunner
 
 Key = tuple[str, int]  # (kind of step, bucket)
+PREFILL_SIZES = (16, 32, 64, 128)  # buckets past the decode ones, for steps with prompt rows (see the docstring)
 
 
 def buckets(max_rows: int) -> list[int]:
@@ -50,11 +56,13 @@ class DecodeGraphs:
         # A greedy speculative step lays each sequence out as 1 + drafts rows: buckets hold whole sequences.
         group = 1 + drafts
         self.sizes = [group * n for n in buckets(-(-max_rows // group))]
-        dev = runner.device
-        self.rows = torch.zeros(max_rows, 6, dtype=torch.int64, device=dev)
+        self.decode_rows = self.sizes[-1]  # the largest decode bucket; larger ones are not compiled
+        self.sizes += [n for n in PREFILL_SIZES if n > self.decode_rows]
+        dev, most = runner.device, self.sizes[-1]
+        self.rows = torch.zeros(most, 6, dtype=torch.int64, device=dev)
         self.rows[:, LEN] = 1
-        self.tables = torch.zeros(max_rows, width, dtype=torch.int64, device=dev)
-        self.next_ids = torch.zeros(max_rows, dtype=torch.int64, device=dev)
+        self.tables = torch.zeros(most, width, dtype=torch.int64, device=dev)
+        self.next_ids = torch.zeros(most, dtype=torch.int64, device=dev)
         self.fns: dict[Key, Callable] = {}  # the function of each step kind and bucket, compiled or not
         self.graphs: dict[Key, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[Key, tuple] = {}  # each function's latest outputs (the static ones of a captured graph)
@@ -73,7 +81,8 @@ class DecodeGraphs:
         return size
 
     def main(self, host: HostRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Run the decode forward for host rows already padded to a bucket -> (logits, hidden, expert load)."""
+        """Run the forward for host rows already padded to a bucket -> (logits, hidden, expert load). Prompt rows
+        run as decode rows do (absorbed attention over the cache, which each row writes first)."""
         return self.run(("main", self._load_inputs(host)))
 
     def mtp(self, size: int, next_ids: torch.Tensor) -> torch.Tensor:
@@ -120,7 +129,7 @@ class DecodeGraphs:
                 self.outputs[key] = self.fns[key](*args)
             return self.outputs[key]
         fn = self.step_fn(key)
-        if self.compile:
+        if self.compile and key[1] <= self.decode_rows:
             # inductor's kernels launch as dsv3's decode kernels do (programmatic dependent launch on Hopper): 16b
             # decode at batch 1 measured +15% with both, +8% with inductor's alone (docs/benchmarks.md).
             pdl = self.backend == "inductor" and pdl_enabled(self.runner.device)
