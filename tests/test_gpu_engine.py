@@ -144,10 +144,11 @@ def test_fp8_checkpoint_serves_through_fp8_gemms(tmp_path):
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (16, 6)]
     engine = Engine(model, max_batch_size=2, block_size=16, num_blocks=64)
     assert engine.graphs is not None
-    # Two roundings of the experts, so more near-ties flip: the engine's decode steps run the fused expert kernels
-    # (FP8 weights against bf16 activations), the full forward the grouped FP8 GEMM, which also quantises the
-    # activations to e4m3 (2 of 22 positions measured on the H200, by 0.52 and 0.62).
-    _check_greedy_against_full_forward(model, prompts, engine.generate(prompts, params), flips=1 / 8)
+    # Two roundings of the experts, so more near-ties flip: the engine's steps (the prompts' step too, as a graph)
+    # run the fused expert kernels (FP8 weights against bf16 activations), the full forward the grouped FP8 GEMM,
+    # which also quantises the activations to e4m3 (3 of 22 positions measured on the H200, by 0.12, 0.20 and 0.40;
+    # 2 while the prompts' step ran the grouped GEMM as the full forward does).
+    _check_greedy_against_full_forward(model, prompts, engine.generate(prompts, params), flips=1 / 6)
 
 
 def test_seeded_sampling_reproduces_on_the_gpu():
