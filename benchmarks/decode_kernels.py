@@ -22,7 +22,8 @@ three ways:
   launched with programmatic dependent launch overlap their predecessor's tail, so their durations sum to more
   than the span they cover.
 `--speculative` counts the speculative step of greedy requests instead (`ModelRunner.greedy_step`): each
-sequence feeds its last token and a draft, and the step runs the main forward, the drafter and both argmaxes.
+sequence feeds its last token and a draft (`--speculative-tokens K`: K drafts), and the step runs the main forward,
+the verification, the drafter (chained K - 1 more times) and their argmaxes.
 Weights are random (drawn on the device); the counts do not depend on them, nor on the context length.
 """
 
@@ -188,9 +189,11 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None,
                    help="keep this many layers (a 16b census on a CPU's memory: the counts are per layer)")
     p.add_argument("--speculative", action="store_true",
-                   help="the greedy speculative step (last token and a draft per sequence, drafter included)")
+                   help="the greedy speculative step (last token and drafts per sequence, drafter included)")
+    p.add_argument("--speculative-tokens", type=int, default=1,
+                   help="drafts per sequence of the speculative step (past the first, the drafter chained)")
     args = p.parse_args()
-    fed = 2 if args.speculative else 1
+    fed = 1 + args.speculative_tokens if args.speculative else 1
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = dsv3.ModelConfig.preset(args.preset, **({} if args.layers is None else {"num_hidden_layers": args.layers}))
     t0 = time.perf_counter()
@@ -204,7 +207,7 @@ def main() -> None:
     eager = DecodeGraphs(engine.runner, rows, width, capture=False, drafts=fed - 1)
     host = decode_inputs(engine, eager, args.batch, args.context, fed)
     results = {"preset": args.preset, "batch": args.batch, "context": args.context, "device": str(device),
-               "speculative": args.speculative, "layers": cfg.num_hidden_layers,
+               "speculative": args.speculative, "drafts": fed - 1, "layers": cfg.num_hidden_layers,
                "decode_kernel": engine.metrics()["decode_kernel"]}
     results["eager"] = census(engine, step_of(eager, args.speculative), host)
     if device.type == "cuda":
@@ -230,8 +233,8 @@ def main() -> None:
     if args.trace and device.type == "cuda":
         graphs = DecodeGraphs(engine.runner, rows, width, capture=True, compile=args.compile, drafts=fed - 1)
         results["graph_timeline"] = graph_timeline(step_of(graphs, args.speculative), host, device)
-    save_results(f"decode_kernels_{args.preset}_b{args.batch}" + ("_speculative" if args.speculative else ""),
-                 results)
+    kind = "" if not args.speculative else "_speculative" + (f"{fed - 1}" if fed > 2 else "")
+    save_results(f"decode_kernels_{args.preset}_b{args.batch}{kind}", results)
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def test_kernel_count_script_counts_the_speculative_step(tmp_path):
     # Two rows per sequence (last token and draft), and after the main model's head the drafter: a whole MoE block
     # more, plus its own norms, projection, head and the two argmaxes.
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    for extra in ([], ["--speculative"]):
+    for extra in ([], ["--speculative"], ["--speculative", "--speculative-tokens", "2"]):
         done = subprocess.run([sys.executable, "-m", "benchmarks.decode_kernels", "--preset", "tiny", "--context",
                                "16", "--device", "cpu", *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=300)
@@ -208,3 +208,8 @@ def test_kernel_count_script_counts_the_speculative_step(tmp_path):
     tail = "norm, head, expert load"
     assert (spec["eager"]["aten_ops_by_region"][tail]
             > plain["eager"]["aten_ops_by_region"][tail] + plain["eager"]["aten_ops_by_region"]["layer 1"])
+    # Two drafts: the drafter runs once more, chained on its own output (another MoE block and head).
+    spec2 = json.loads((tmp_path / "decode_kernels_tiny_b1_speculative2.json").read_text())
+    assert spec2["drafts"] == 2 and (spec2["eager"]["aten_ops_by_region"][tail]
+                                     > spec["eager"]["aten_ops_by_region"][tail]
+                                     + plain["eager"]["aten_ops_by_region"]["layer 1"])
