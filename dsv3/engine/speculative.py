@@ -13,7 +13,9 @@ How a step goes for a decoding request with tokens t_0..t_{n-1} (t_{n-1} not yet
    position gives the next draft (`draft`). Rows past the accepted tokens compute garbage that the next step
    overwrites before anyone reads it (attention only sees positions up to each row's own).
 Penalties see the tokens before each row: row n's history includes the draft, as it would without speculation.
-One draft token per step: DeepSeek-V3 checkpoints carry one MTP module.
+Here a step verifies one draft: DeepSeek-V3 checkpoints carry one MTP module. Greedy requests in a burst (engine.py)
+may take more, verified and drafted on the device (`ModelRunner.greedy_step`): past the first, each draft comes from
+the MTP module run on its own previous output.
 """
 
 from __future__ import annotations
