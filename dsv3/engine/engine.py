@@ -18,7 +18,8 @@ Notable features:
   steps run back to back, each step's function writing the next one's input rows on the device, with one host
   round trip for all of them. At batch 1 the host's share of a step (Python, the copies in and out, the graph
   launch) is otherwise time the GPU sits idle. A burst delays the admission of new requests by its length and
-  streams its tokens together.
+  streams its tokens together. Speculating, a burst's requests feed `num_speculative_tokens` drafts a step, the
+  MTP module chained on its own output past the first (`ModelRunner.greedy_step`).
 The engine is single-threaded and not thread-safe: drive it from one thread. It switches on `keep_routing` of the
 model's MoE layers (to count expert load over real tokens) and owns the model while it runs.
 """
