@@ -265,10 +265,9 @@ class Engine:
         for w in works:
             left = w.req.params.max_tokens - w.req.num_generated
             n = min(n, (left + 1) // g if self.speculative else left)
-        for steps in (n, 1) if n > 1 else (n,):
-            if steps and all(self.cache.reserve(w.req.blocks, w.start + steps * g) for w in works):
-                return steps
-        return 0
+        if n > 1 and all(self.cache.reserve(w.req.blocks, w.start + n * g) for w in works):
+            return n
+        return int(n > 0 and all(self.cache.reserve(w.req.blocks, w.start + g) for w in works))
 
     def _prompt_logprobs(self, works: list[Work], starts: list[int], logits) -> None:
         for w, r0 in zip(works, starts):
