@@ -24,7 +24,7 @@ from benchmarks.common import kernel_profile, save_results
 from dsv3.balance import balance_loss, update_bias
 from dsv3.info import model_stats
 from dsv3.loss import head_cross_entropy
-from dsv3.fp8_train import apply_fp8, make_adamw
+from dsv3.fp8_train import apply_fp8, clip_and_step, make_adamw
 from dsv3.train import adamw_param_groups, mtp_terms, peak_bf16_flops
 
 
@@ -66,8 +66,7 @@ def dsv3_step_fn(model, batches, mtp: bool, accum: int, bf16_moments: bool):
                                                   cfg.num_experts_per_tok) for m in moe)
             (loss / accum).backward()
             loads = [m.load for m in moe] if loads is None else [a + m.load for a, m in zip(loads, moe)]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        clip_and_step(opt, model.parameters(), 1.0)
         opt.zero_grad(set_to_none=True)
         update_bias(moe, loads, 1e-3)
 

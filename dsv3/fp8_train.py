@@ -16,7 +16,8 @@ Notable features:
   and scales, so the same numerics up to summation order. apply_fp8 says when it falls back to it.
 - Under autocast the FP8 layers return the autocast dtype, as nn.Linear would; gradients of the master weights
   are fp32.
-- `make_adamw(..., bf16_moments=True)`: AdamW whose two moments are stored in bf16 and updated in fp32.
+- `make_adamw(..., bf16_moments=True)`: AdamW whose two moments are stored in bf16 and updated in fp32;
+  `clip_and_step` clips the gradient inside its update.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 from .model import Experts
 from .ops import fp8_gemm as ops
 from .ops.adamw import adamw_step_
+from .parallel import clip_coefficient, grad_norm
 
 
 @dataclass(frozen=True)
@@ -284,7 +286,9 @@ class AdamW(torch.optim.Optimizer):
         self.moment_dtype = moment_dtype
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scale: torch.Tensor | None = None):
+        """grad_scale: a one-element fp32 tensor multiplying every gradient as the update reads it (clipping's
+        factor, `clip_and_step`); the gradients themselves are left as they are."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -298,7 +302,7 @@ class AdamW(torch.optim.Optimizer):
                 s["step"] += 1
             adamw_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
                         [s["exp_avg_sq"] for s in states], [s["step"] for s in states], group["lr"], *group["betas"],
-                        group["eps"], group["weight_decay"])
+                        group["eps"], group["weight_decay"], grad_scale)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -327,3 +331,18 @@ def make_adamw(params, lr: float, betas: tuple[float, float] = (0.9, 0.95), weig
     params = list(params)
     on_cuda = all(p.is_cuda for g in params for p in (g["params"] if isinstance(g, dict) else [g]))
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=on_cuda or None)
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, parameters, max_norm: float) -> torch.Tensor:
+    """Clip the gradient to max_norm by the whole model's norm, step the optimiser, and return the norm (before
+    clipping, as torch's clip_grad_norm_ does). dsv3's AdamW applies the clipping factor as it reads each gradient,
+    so clipping costs one read of the gradients (the norm) where scaling them first would add a read and a write."""
+    params = [p for p in parameters if p.grad is not None]
+    norm = grad_norm(params)
+    coef = clip_coefficient(norm, max_norm)
+    if isinstance(optimizer, AdamW):
+        optimizer.step(grad_scale=coef.float())
+    else:
+        torch._foreach_mul_([p.grad for p in params], coef)
+        optimizer.step()
+    return norm

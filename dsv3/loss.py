@@ -37,7 +37,7 @@ class _HeadLoss(torch.autograd.Function):
             if want_h:  # logits now hold d(loss)/d(logits)
                 grad_h[start:start + chunk_tokens] = logits @ weight  # autocast, if on, casts as for F.linear
             if want_w:
-                grad_w += logits.t() @ h
+                _add_product_(grad_w, logits.t(), h)
         ctx.mark_non_differentiable(correct)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -48,6 +48,16 @@ class _HeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (None if grad_h is None else grad_h * g_loss.to(grad_h.dtype),
                 None if grad_w is None else (grad_w * g_loss).to(ctx.weight_dtype), None, None, None)
+
+
+def _add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    # acc [M, N] fp32 += a [M, K] @ b [K, N]. On CUDA with 16-bit a, cuBLAS adds the fp32 product straight into acc
+    # (out_dtype): no 16-bit product to round and then add in a pass of its own (0.5 GB each way a chunk at a
+    # 129K vocabulary). Elsewhere autocast, if on, makes the product as for F.linear and it is added.
+    if acc.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(acc, a, b.to(a.dtype), out_dtype=torch.float32, out=acc)
+    else:
+        acc += a @ b
 
 
 def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -198,12 +198,11 @@ class MLA(nn.Module):
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    # q, k: [B, H, T, Dqk], v: [B, H, T, Dv] -> [B, H, T, Dv]
-    dv = v.shape[-1]
-    if q.is_cuda and dv < q.shape[-1]:
-        # The flash kernel wants one head size for q, k and v: pad v with zeros and cut the output back.
-        v = F.pad(v, (0, q.shape[-1] - dv))
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :dv]
+    # q, k: [B, H, T, Dqk], v: [B, H, T, Dv] -> [B, H, T, Dv]. MLA's value heads are narrower than its query/key
+    # heads (64 against 96 in `1b`, 128 against 192 in 671B): cuDNN's attention, torch's first choice on Hopper,
+    # takes the two sizes as they are, so v is not padded to the query's size (which made the kernel's value
+    # products half as long again, and added a pad and a slice with their backward passes).
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 # ---- feed-forward ------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ Notable features:
 - The optimiser state stays sharded on disk: `save_optimizer` / `load_optimizer` use torch.distributed.checkpoint,
   one file per rank plus metadata, in a folder every rank can reach (a shared file system across machines).
 - Metrics are global: `all_reduce_mean` averages a step's losses over ranks (gloo has no AVG: SUM, then divide),
-  `clip_grad_norm_` clips by the norm of the whole model's gradient, not of one rank's shard.
+  `grad_norm` is the norm of the whole model's gradient, not of one rank's shard, so clipping by it scales every
+  shard alike.
 """
 
 from __future__ import annotations
@@ -176,15 +177,17 @@ def all_reduce_mean(values: dict) -> dict:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ that also takes sharded gradients: the L2 norm of the whole model's
-    gradient, the same on every rank, and every shard scaled by the same factor."""
-    params = [p for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+def grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient (sharded gradients included), the same on every rank."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()  # each rank's partial norm, reduced over ranks
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor that clips a gradient of this norm to max_norm (1 below it), as torch.nn.utils computes it."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
 
 
 # ---- state in and out --------------------------------------------------------------------------------------------

@@ -41,13 +41,13 @@ from tqdm import tqdm
 from .balance import balance_loss, max_violation, update_bias
 from .checkpoint import load_model, save_model
 from .config import ModelConfig
-from .fp8_train import make_adamw
+from .fp8_train import clip_and_step, make_adamw
 from .info import model_stats
 from .loss import head_cross_entropy
 from .loader import PackedLoader, TokenDataset, iter_eval_batches
 from .model import build_model
 from .parallel import (accumulation_steps, all_reduce_loads, all_reduce_mean, barrier, broadcast_object,
-                       clip_grad_norm_, gather_model, init_distributed, load_full_state_dict, load_optimizer,
+                       gather_model, init_distributed, load_full_state_dict, load_optimizer,
                        parallelize, save_optimizer, shutdown_distributed)
 from .schedule import LRSchedule, batch_size_at, step_value
 
@@ -283,8 +283,7 @@ class Trainer:
                 where = self.last_checkpoint or "none written yet"
                 raise TrainingDiverged(f"non-finite loss ({loss}) at step {self.step}; stopped before the update. "
                                        f"Last good checkpoint: {where}")
-            grad_norm = clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-            self.optimizer.step()
+            grad_norm = clip_and_step(self.optimizer, self.model.parameters(), tc.grad_clip)
             self.optimizer.zero_grad(set_to_none=True)
             gamma = step_value(self.tokens_seen, tc.bias_update_speed, 0.0, tc.bias_update_stop_tokens)
             if tc.balance == "aux_free":

@@ -13,7 +13,8 @@ from tests.conftest import rerun_under_interpreter
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _run(step, device: str, moment_dtype: torch.dtype, grad_dtype: torch.dtype, weight_decay: float):
+def _run(step, device: str, moment_dtype: torch.dtype, grad_dtype: torch.dtype, weight_decay: float,
+         scale: float | None = None):
     # Parameters of awkward sizes (one element, one block and a bit, a matrix, an empty one), three steps with
     # fresh gradients; the steps counted per parameter, one of them behind the others (added to its group later).
     gen = torch.Generator().manual_seed(0)
@@ -23,15 +24,18 @@ def _run(step, device: str, moment_dtype: torch.dtype, grad_dtype: torch.dtype, 
     vs = [torch.zeros(s, dtype=moment_dtype, device=device) for s in shapes]
     for t in range(1, 4):
         grads = [torch.randn(s, generator=gen).to(device, grad_dtype) for s in shapes]
-        step(params, grads, ms, vs, [t, t, t, max(t - 1, 1)], 3e-3, 0.9, 0.95, 1e-8, weight_decay)
+        grad_scale = None if scale is None else torch.tensor([scale], device=device)  # clipping's factor
+        step(params, grads, ms, vs, [t, t, t, max(t - 1, 1)], 3e-3, 0.9, 0.95, 1e-8, weight_decay, grad_scale)
     return params, ms, vs
 
 
 def _check(device: str) -> None:
-    for moment_dtype, grad_dtype, wd in [(torch.bfloat16, torch.float32, 0.1), (torch.float32, torch.bfloat16, 0.0),
-                                         (torch.bfloat16, torch.bfloat16, 0.1)]:
-        got = _run(adamw.adamw_step_triton_, device, moment_dtype, grad_dtype, wd)
-        want = _run(adamw.adamw_step_reference_, device, moment_dtype, grad_dtype, wd)
+    for moment_dtype, grad_dtype, wd, scale in [(torch.bfloat16, torch.float32, 0.1, None),
+                                                (torch.float32, torch.bfloat16, 0.0, None),
+                                                (torch.bfloat16, torch.bfloat16, 0.1, None),
+                                                (torch.float32, torch.float32, 0.1, 0.37)]:
+        got = _run(adamw.adamw_step_triton_, device, moment_dtype, grad_dtype, wd, scale)
+        want = _run(adamw.adamw_step_reference_, device, moment_dtype, grad_dtype, wd, scale)
         # Parameters: the same fp32 arithmetic up to rounding order. With bf16 moments one fp32 rounding apart can
         # round a stored moment to the neighbouring bf16 value (up to 0.8% apart), which moves the next updates by
         # about as much of lr (3e-3): 1.2% of lr measured after three steps.
@@ -51,7 +55,10 @@ def _check(device: str) -> None:
                     steps = 2 if device == "cpu" else 1
                     torch.testing.assert_close(a, b, rtol=0, atol=steps * 2 ** -7 * b.abs().max().item())
         assert not torch.equal(got[0][2], _run(adamw.adamw_step_triton_, device, moment_dtype, grad_dtype,
-                                               wd + 0.5)[0][2])  # weight decay reaches the parameters
+                                               wd + 0.5, scale)[0][2])  # weight decay reaches the parameters
+        if scale is not None:  # and the factor reaches the moments: m after three steps is linear in it
+            unscaled = _run(adamw.adamw_step_triton_, device, moment_dtype, grad_dtype, wd)
+            torch.testing.assert_close(got[1][2], scale * unscaled[1][2], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs in test_under_the_triton_interpreter's subprocess")

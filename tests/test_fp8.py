@@ -13,7 +13,7 @@ from torch import nn
 import dsv3
 from dsv3.fp8 import (AMAX_FLOOR, FP8_MAX, dequantize_blocks, dequantize_weight_blocks, quantize_blocks,
                       quantize_weight_blocks)
-from dsv3.fp8_train import AdamW, Fp8Experts, Fp8Linear, apply_fp8, make_adamw
+from dsv3.fp8_train import AdamW, Fp8Experts, Fp8Linear, apply_fp8, clip_and_step, make_adamw
 from dsv3.model import Experts, Routing
 from dsv3.ops import fp8_gemm as ops
 
@@ -359,6 +359,32 @@ def test_adamw_matches_torch_and_keeps_bf16_moments():
     state = opt.state[bf16[0]]
     assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg_sq"].dtype == torch.bfloat16
     assert isinstance(make_adamw([nn.Parameter(torch.ones(2))], lr=1e-3), torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])  # clipping, and a norm under the bound (factor 1)
+def test_clip_and_step_is_torch_clipping_then_the_step(max_norm):
+    # dsv3's AdamW takes the clipping factor into its update instead of scaling the gradients first: the same
+    # parameters bit for bit, the same returned norm, and the gradients left as they were.
+    torch.manual_seed(0)
+    init = [torch.randn(30, 20), torch.randn(20)]
+    grads = [torch.randn_like(p) for p in init]
+    for make in (lambda ps: AdamW(ps, lr=1e-2, moment_dtype=torch.float32), lambda ps: make_adamw(ps, lr=1e-2)):
+        want = [nn.Parameter(p.clone()) for p in init]
+        for p, g in zip(want, grads):
+            p.grad = g.clone()
+        want_norm = torch.nn.utils.clip_grad_norm_(want, max_norm)
+        make(want).step()
+        got = [nn.Parameter(p.clone()) for p in init]
+        for p, g in zip(got, grads):
+            p.grad = g.clone()
+        opt = make(got)
+        norm = clip_and_step(opt, got, max_norm)
+        assert torch.equal(norm, want_norm)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        if isinstance(opt, AdamW):
+            assert all(torch.equal(p.grad, g) for p, g in zip(got, grads))
+    assert (want_norm > max_norm) == (max_norm == 0.5)
 
 
 def test_bf16_moments_survive_a_state_dict_round_trip():

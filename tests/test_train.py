@@ -99,15 +99,18 @@ def test_chunked_head_loss_matches_full_logits():
     assert math.isclose(acc.item(), ((hidden @ head.T).argmax(-1) == targets)[mask].float().mean().item())
 
 
-def test_head_loss_under_bf16_autocast_matches_autograd():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_head_loss_under_bf16_autocast_matches_autograd(device):
     # The trainer's setting: fp32 hidden states and head weight, bf16 autocast. The fused loss makes its gradients in
-    # the forward pass; autograd through bf16 logits made fp32 is the reference. Under no_grad it makes none.
+    # the forward pass; autograd through bf16 logits made fp32 is the reference. Under no_grad it makes none. On
+    # CUDA the head weight's gradient is summed over chunks by cuBLAS into fp32 (`_add_product_`).
     gen = torch.Generator().manual_seed(3)
-    hidden = torch.randn(45, 16, generator=gen, requires_grad=True)
-    head = (0.3 * torch.randn(300, 16, generator=gen)).requires_grad_()
-    targets = torch.randint(0, 300, (45,), generator=gen)
+    hidden = torch.randn(45, 16, generator=gen).to(device).requires_grad_()
+    head = (0.3 * torch.randn(300, 16, generator=gen)).to(device).requires_grad_()
+    targets = torch.randint(0, 300, (45,), generator=gen).to(device)
     targets[:4] = -100
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         loss, _ = head_cross_entropy(hidden, head, targets, chunk_tokens=16)
         ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, head).float(), targets)
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)

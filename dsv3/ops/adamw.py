@@ -10,6 +10,10 @@ moments (28 bytes); it has no bf16-moment form.
 The update is torch.optim.AdamW's: decoupled weight decay p *= 1 - lr * wd, m = lerp(m, g, 1 - beta1),
 v = beta2 v + (1 - beta2) g^2, p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps). The parameter
 update uses the fp32 moments before they are rounded for storage.
+
+`grad_scale`, a device scalar, multiplies every gradient as the kernel reads it: gradient clipping's factor
+(`fp8_train.clip_and_step`), which would otherwise cost a pass of its own over every gradient (a read and a write
+of 4 bytes a parameter) between the norm and the update. It stays on the device, so clipping needs no host sync.
 """
 
 from __future__ import annotations
@@ -31,16 +35,18 @@ BLOCK = 2048  # elements per program: 8 KB of fp32 parameter
 @torch.no_grad()
 def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                 exp_avg_sqs: list[torch.Tensor], steps: list[int], lr: float, beta1: float, beta2: float, eps: float,
-                weight_decay: float) -> None:
-    """One AdamW step of each parameter (steps: each one's step count, this step included), in place. The Triton
-    kernel on CUDA (contiguous tensors of one shape per parameter; FSDP's sharded parameters and states by their
-    local shards, as the update is elementwise), else the reference."""
+                weight_decay: float, grad_scale: torch.Tensor | None = None) -> None:
+    """One AdamW step of each parameter (steps: each one's step count, this step included), in place, the
+    gradients read times `grad_scale` (a one-element fp32 tensor on their device) when given. The Triton kernel on
+    CUDA (contiguous tensors of one shape per parameter; FSDP's sharded parameters and states by their local
+    shards, as the update is elementwise), else the reference."""
     tensors = [[_local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
     if triton is not None and params and (tensors[0][0].is_cuda or INTERPRET) and all(
             t.is_contiguous() for ts in tensors for t in ts):
-        adamw_step_triton_(*tensors, steps, lr, beta1, beta2, eps, weight_decay)
+        adamw_step_triton_(*tensors, steps, lr, beta1, beta2, eps, weight_decay, grad_scale)
     else:
-        adamw_step_reference_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay)
+        adamw_step_reference_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                              grad_scale)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -48,8 +54,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def adamw_step_reference_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay) -> None:
-    grads = [g.float() for g in grads]
+def adamw_step_reference_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                          grad_scale: torch.Tensor | None = None) -> None:
+    grads = [g.float() if grad_scale is None else g.float() * grad_scale for g in grads]
     m32 = [m.float() for m in exp_avgs]  # copies when stored in bf16, the tensors themselves in fp32
     v32 = [v.float() for v in exp_avg_sqs]
     torch._foreach_lerp_(m32, grads, 1 - beta1)
@@ -68,7 +75,11 @@ def adamw_step_reference_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1
 
 
 @torch.no_grad()
-def adamw_step_triton_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay) -> None:
+def adamw_step_triton_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                       grad_scale: torch.Tensor | None = None) -> None:
+    if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.dtype != torch.float32):
+        raise ValueError(f"AdamW: grad_scale must be one fp32 element, got {grad_scale.dtype} of shape "
+                         f"{tuple(grad_scale.shape)}")
     for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         n = p.numel()
         if not n:
@@ -77,18 +88,21 @@ def adamw_step_triton_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, b
             raise ValueError(f"AdamW: a parameter of shape {tuple(p.shape)} has a gradient or moments of another "
                              f"shape ({tuple(g.shape)}, {tuple(m.shape)}, {tuple(v.shape)})")
         _adamw_kernel[(triton.cdiv(n, BLOCK),)](
-            p, g, m, v, n, 1 - lr * weight_decay, lr / (1 - beta1 ** t), (1 - beta2 ** t) ** 0.5, beta1, beta2, eps,
-            BLOCK=BLOCK, num_warps=4)
+            p, g, m, v, p if grad_scale is None else grad_scale, n, 1 - lr * weight_decay, lr / (1 - beta1 ** t),
+            (1 - beta2 ** t) ** 0.5, beta1, beta2, eps, SCALED=grad_scale is not None, BLOCK=BLOCK, num_warps=4)
 
 
 if triton is not None:
 
     @triton.jit
-    def _adamw_kernel(P, G, M, V, n, decay, step_size, bias2_sqrt, beta1, beta2, eps, BLOCK: tl.constexpr):
+    def _adamw_kernel(P, G, M, V, SCALE, n, decay, step_size, bias2_sqrt, beta1, beta2, eps, SCALED: tl.constexpr,
+                      BLOCK: tl.constexpr):
         # Program i: elements [i * BLOCK, +BLOCK) of one parameter, its gradient and moments (flat, contiguous).
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        if SCALED:  # SCALE is a dummy pointer otherwise
+            g = g * tl.load(SCALE)
         m = tl.load(M + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
         m = m + (1 - beta1) * (g - m)
