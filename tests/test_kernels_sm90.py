@@ -129,10 +129,11 @@ def test_head_loss_kernel(grad):
 
 
 @pytest.mark.parametrize("moment", ["*bf16", "*fp32"])
-def test_adamw_kernel(moment):
+@pytest.mark.parametrize("scaled", [False, True])  # with clipping's factor read from SCALE, and without
+def test_adamw_kernel(moment, scaled):
     scalars = {name: "fp32" for name in ("decay", "step_size", "bias2_sqrt", "beta1", "beta2", "eps")}
-    _compile(adamw._adamw_kernel, {"P": "*fp32", "G": "*fp32", "M": moment, "V": moment, **scalars},
-             dict(BLOCK=adamw.BLOCK))
+    _compile(adamw._adamw_kernel, {"P": "*fp32", "G": "*fp32", "M": moment, "V": moment, "SCALE": "*fp32", **scalars},
+             dict(BLOCK=adamw.BLOCK, SCALED=scaled))
 
 
 @pytest.mark.parametrize("tile,pdl", GEMV_CASES)
