@@ -66,9 +66,9 @@ def test_kernel_matches_reference_interpreted():
     _check("cpu")
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="runs in test_under_the_triton_interpreter's subprocess")
-def test_sharded_parameters_step_through_their_local_shards_interpreted():
-    # FSDP's parameters, gradients and moments are DTensors; the kernel updates their local shards (one rank here).
+def _check_sharded() -> None:
+    # FSDP's parameters, gradients and moments are DTensors; the step updates their local shards (one rank here),
+    # clipping's factor (a plain tensor, the whole model's) included.
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -80,13 +80,25 @@ def test_sharded_parameters_step_through_their_local_shards_interpreted():
         plain = [torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)] + [torch.zeros(6, 5)] * 2
         plain = [t.clone() for t in plain]
         sharded = [distribute_tensor(t.clone(), mesh, [Shard(0)]) for t in plain]
-        adamw.adamw_step_(*[[t] for t in sharded], [1], 1e-2, 0.9, 0.95, 1e-8, 0.1)
-        adamw.adamw_step_reference_(*[[t] for t in plain], [1], 1e-2, 0.9, 0.95, 1e-8, 0.1)
+        scale = torch.tensor([0.5])
+        adamw.adamw_step_(*[[t] for t in sharded], [1], 1e-2, 0.9, 0.95, 1e-8, 0.1, scale)
+        adamw.adamw_step_reference_(*[[t] for t in plain], [1], 1e-2, 0.9, 0.95, 1e-8, 0.1, scale)
         for a, b in zip(sharded, plain):
             torch.testing.assert_close(a.to_local(), b)
         assert not torch.equal(sharded[0].to_local(), sharded[1].to_local())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in test_under_the_triton_interpreter's subprocess")
+def test_sharded_parameters_step_through_their_local_shards_interpreted():
+    _check_sharded()
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreted run takes the kernel")
+def test_sharded_parameters_step_through_the_reference():
+    # On the CPU without the interpreter the reference serves (CPU training under bf16 or FP8 emulation).
+    _check_sharded()
 
 
 @pytest.mark.skipif(INTERPRETED or adamw.triton is None, reason="this is the subprocess, or no triton")

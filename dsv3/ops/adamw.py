@@ -38,15 +38,14 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
                 weight_decay: float, grad_scale: torch.Tensor | None = None) -> None:
     """One AdamW step of each parameter (steps: each one's step count, this step included), in place, the
     gradients read times `grad_scale` (a one-element fp32 tensor on their device) when given. The Triton kernel on
-    CUDA (contiguous tensors of one shape per parameter; FSDP's sharded parameters and states by their local
-    shards, as the update is elementwise), else the reference."""
+    CUDA (contiguous tensors of one shape per parameter), else the reference; either updates FSDP's sharded
+    parameters and states through their local shards, as the update is elementwise."""
     tensors = [[_local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
     if triton is not None and params and (tensors[0][0].is_cuda or INTERPRET) and all(
             t.is_contiguous() for ts in tensors for t in ts):
         adamw_step_triton_(*tensors, steps, lr, beta1, beta2, eps, weight_decay, grad_scale)
     else:
-        adamw_step_reference_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                              grad_scale)
+        adamw_step_reference_(*tensors, steps, lr, beta1, beta2, eps, weight_decay, grad_scale)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
