@@ -25,7 +25,10 @@ def _run(step, device: str, moment_dtype: torch.dtype, grad_dtype: torch.dtype, 
     for t in range(1, 4):
         grads = [torch.randn(s, generator=gen).to(device, grad_dtype) for s in shapes]
         grad_scale = None if scale is None else torch.tensor([scale], device=device)  # clipping's factor
+        versions = [x._version for x in params + ms + vs]
         step(params, grads, ms, vs, [t, t, t, max(t - 1, 1)], 3e-3, 0.9, 0.95, 1e-8, weight_decay, grad_scale)
+        # Updated in place as far as autograd can tell too (the FP8 weight cache requantises on a new version).
+        assert all(x._version > v for x, v in zip(params + ms + vs, versions) if x.numel())
     return params, ms, vs
 
 
@@ -101,6 +104,34 @@ def test_sharded_parameters_step_through_the_reference():
     _check_sharded()
 
 
+def _check_fp8_cache_follows_the_step(device: str) -> None:
+    # The FP8 layers keep their quantised weights until the weight's version moves; the kernel's step must move it,
+    # or FP8 training runs on its first weights for ever (found on the H200: a small model "learnt" random tokens
+    # to a loss of 0.07 through its trainable head while every FP8 layer stayed frozen).
+    from dsv3.fp8_train import Fp8Linear, Fp8Settings, _WeightCache, make_adamw
+
+    lin = torch.nn.Linear(256, 128, bias=False).to(device)
+    lin.__class__ = Fp8Linear
+    lin.fp8, lin._fp8_cache = Fp8Settings(emulate=device == "cpu"), _WeightCache()
+    x = torch.randn(8, 256, device=device)
+    before = lin(x)
+    opt = make_adamw(lin.parameters(), lr=1e-1, weight_decay=0.0, bf16_moments=True)
+    lin.weight.grad = torch.ones_like(lin.weight)
+    opt.step()  # every weight moves by lr (Adam's first step)
+    fresh = torch.nn.Linear(256, 128, bias=False).to(device)
+    fresh.__class__ = Fp8Linear
+    fresh.fp8, fresh._fp8_cache = lin.fp8, _WeightCache()
+    with torch.no_grad():
+        fresh.weight.copy_(lin.weight)
+    assert not torch.equal(lin(x), before)
+    torch.testing.assert_close(lin(x), fresh(x))
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in test_under_the_triton_interpreter's subprocess")
+def test_fp8_weight_cache_follows_the_kernels_step_interpreted():
+    _check_fp8_cache_follows_the_step("cpu")
+
+
 @pytest.mark.skipif(INTERPRETED or adamw.triton is None, reason="this is the subprocess, or no triton")
 def test_under_the_triton_interpreter():
     rerun_under_interpreter(__file__, "interpreted")
@@ -109,6 +140,7 @@ def test_under_the_triton_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available() or adamw.triton is None, reason="needs CUDA and triton")
 def test_kernel_matches_reference_on_the_gpu():
     _check("cuda")
+    _check_fp8_cache_follows_the_step("cuda")
 
 
 def test_dispatch_takes_the_reference_on_the_cpu_and_for_strided_tensors():

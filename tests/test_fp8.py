@@ -314,8 +314,7 @@ def train_losses(cfg, data: torch.Tensor, precision: str, steps: int, device: st
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch[:, 1:].flatten())
         loss = loss + 0.3 * F.cross_entropy(out.mtp_logits[0][:, :-1].float().flatten(0, 1), batch[:, 2:].flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        clip_and_step(opt, model.parameters(), 1.0)  # the trainer's: clipping inside dsv3's AdamW
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return torch.tensor(losses)

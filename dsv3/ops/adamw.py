@@ -19,6 +19,7 @@ of 4 bytes a parameter) between the norm and the update. It stays on the device,
 from __future__ import annotations
 
 import torch
+from torch.autograd.graph import increment_version
 from torch.distributed.tensor import DTensor
 
 from .tuning import INTERPRET
@@ -89,6 +90,10 @@ def adamw_step_triton_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, b
         _adamw_kernel[(triton.cdiv(n, BLOCK),)](
             p, g, m, v, p if grad_scale is None else grad_scale, n, 1 - lr * weight_decay, lr / (1 - beta1 ** t),
             (1 - beta2 ** t) ** 0.5, beta1, beta2, eps, SCALED=grad_scale is not None, BLOCK=BLOCK, num_warps=4)
+        # A kernel's stores are invisible to autograd's version counters, which torch's in-place ops move: what
+        # keys on them (the FP8 weight cache, `fp8_train._WeightCache`) would keep serving the old weights.
+        for written in (p, m, v):
+            increment_version(written)
 
 
 if triton is not None:
