@@ -109,10 +109,12 @@ def _check_fp8_cache_follows_the_step(device: str) -> None:
     # or FP8 training runs on its first weights for ever (found on the H200: a small model "learnt" random tokens
     # to a loss of 0.07 through its trainable head while every FP8 layer stayed frozen).
     from dsv3.fp8_train import Fp8Linear, Fp8Settings, _WeightCache, make_adamw
+    from dsv3.ops.fp8_gemm import fp8_unsupported_reason
 
     lin = torch.nn.Linear(256, 128, bias=False).to(device)
     lin.__class__ = Fp8Linear
-    lin.fp8, lin._fp8_cache = Fp8Settings(emulate=device == "cpu"), _WeightCache()
+    lin.fp8 = Fp8Settings(emulate=fp8_unsupported_reason(torch.device(device)) is not None)  # kernels on Hopper
+    lin._fp8_cache = _WeightCache()
     x = torch.randn(8, 256, device=device)
     before = lin(x)
     opt = make_adamw(lin.parameters(), lr=1e-1, weight_decay=0.0, bf16_moments=True)
