@@ -9,6 +9,11 @@ pieces (loss with the sequence-wise balance term, the auxiliary-loss-free bias u
 in the head-to-head row (transformers has no MTP) and timed separately. `--fp8` also times dsv3 with the report's
 FP8 recipe (`apply_fp8`: fine-grained FP8 GEMMs for every linear layer and expert) against its own bf16 row. MFU
 uses dsv3's FLOP count (`dsv3.info`) and the bf16 dense peak of the GPU.
+
+By default both start from random weights of `--preset` and see random tokens. At random init the router sends most
+of a sequence's tokens to the same few experts (MaxVio up to ~10 on `1b`), which no trained model does for long and
+which slows the experts' grouped GEMMs. `--model DIR` starts both from a trained checkpoint (router biases included)
+and `--data DIR` times on a prepared dataset's text. Each dsv3 row records the MaxVio of its last step.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import torch.nn.functional as F
 
 import dsv3
 from benchmarks.common import kernel_profile, save_results
-from dsv3.balance import balance_loss, update_bias
+from dsv3.balance import balance_loss, max_violation, update_bias
 from dsv3.info import model_stats
+from dsv3.loader import TokenDataset, iter_eval_batches
 from dsv3.loss import head_cross_entropy
 from dsv3.fp8_train import apply_fp8, clip_and_step, make_adamw
 from dsv3.train import adamw_param_groups, mtp_terms, peak_bf16_flops
@@ -42,6 +48,20 @@ def _time_steps(step, n_warmup: int, n_steps: int) -> float:
         step()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n_steps
+
+
+def timed_batches(cfg, batch: int, seq: int, data: str | None) -> list[torch.Tensor]:
+    """Four [batch, seq + 1] token batches: random tokens, or the first windows of a prepared dataset's train split."""
+    if data is None:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        return [torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen) for _ in range(4)]
+    dataset = TokenDataset(data, "train")
+    if dataset.vocab_size > cfg.vocab_size:
+        raise SystemExit(f"--data {data} has a vocabulary of {dataset.vocab_size}, the model {cfg.vocab_size}")
+    batches = list(iter_eval_batches(dataset, batch, seq, max_batches=4))
+    if len(batches) < 4 or batches[-1].shape[0] < batch:
+        raise SystemExit(f"--data {data}: its train split holds fewer than 4 batches of {batch} x {seq + 1} tokens")
+    return batches
 
 
 def dsv3_step_fn(model, batches, mtp: bool, accum: int, bf16_moments: bool):
@@ -113,19 +133,28 @@ def main() -> None:
     p.add_argument("--profile", default="",
                    help="comma-separated dsv3 rows (e.g. dsv3_mtp_compiled) whose GPU kernels of one step to list "
                         "by device time")
+    p.add_argument("--model", default=None,
+                   help="an HF-format checkpoint (e.g. a `dsv3 train` run's model folder) that both start from, "
+                        "routing biases included, instead of random weights of --preset: a trained router spreads "
+                        "tokens over the experts as random weights do not")
+    p.add_argument("--data", default=None,
+                   help="a `dsv3 prepare` folder: time on the first windows of its train split instead of random "
+                        "tokens (its vocabulary must be the model's)")
     args = p.parse_args()
     import transformers
 
     device = torch.device("cuda")
-    cfg = dsv3.ModelConfig.preset(args.preset, **({"vocab_size": args.vocab} if args.vocab else {}))
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
-               for _ in range(4)]
+    if args.model:
+        cfg = dsv3.ModelConfig.from_hf(args.model)
+    else:
+        cfg = dsv3.ModelConfig.preset(args.preset, **({"vocab_size": args.vocab} if args.vocab else {}))
+    batches = [b.to(device) for b in timed_batches(cfg, args.batch, args.seq, args.data)]
     tokens = args.accum * args.batch * args.seq  # per optimiser step
     peak = peak_bf16_flops(device) or 989e12
     flops = {d: model_stats(cfg.replace(num_nextn_predict_layers=d), args.seq) for d in (0, 1)}
     fpt = {0: 3 * flops[0].fwd_flops_per_token, 1: flops[1].train_flops_per_token}
-    results: dict = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "accum": args.accum,
+    results: dict = {"preset": args.preset, "model": args.model, "data": args.data,
+                     "batch": args.batch, "seq": args.seq, "accum": args.accum,
                      "dsv3_bf16_moments": not args.fp32_moments,
                      "peak_tflops": peak / 1e12,
                      "train_flops_per_token": fpt}
@@ -140,8 +169,13 @@ def main() -> None:
                                               .to_hf().items() if k not in ("architectures", "torch_dtype")})
     for impl in filter(None, args.hf_impls.split(",")):
         try:
-            hf = transformers.DeepseekV3ForCausalLM._from_config(hf_cfg, experts_implementation=impl,
-                                                                 attn_implementation="sdpa").to(device)
+            if args.model:
+                hf = transformers.AutoModelForCausalLM.from_pretrained(
+                    args.model, dtype=torch.float32, experts_implementation=impl, attn_implementation="sdpa",
+                    num_nextn_predict_layers=0).to(device)
+            else:
+                hf = transformers.DeepseekV3ForCausalLM._from_config(hf_cfg, experts_implementation=impl,
+                                                                     attn_implementation="sdpa").to(device)
         except (TypeError, ValueError) as e:
             results[f"hf_{impl}_error"] = str(e)[:200]
             continue
@@ -160,13 +194,21 @@ def main() -> None:
     for key, depth, compiled, fp8 in variants:
         if only and key not in only:
             continue
-        model = dsv3.build_model(cfg.replace(num_nextn_predict_layers=depth), device=device, seed=0)
+        if args.model:
+            if depth > cfg.num_nextn_predict_layers:
+                results[f"{key}_error"] = f"{args.model} has no MTP module"
+                continue
+            model = dsv3.load_model(args.model, device=device, dtype=torch.float32, mtp=depth > 0)
+        else:
+            model = dsv3.build_model(cfg.replace(num_nextn_predict_layers=depth), device=device, seed=0)
         if fp8:
             apply_fp8(model)
         model.train()
         run = torch.compile(model) if compiled else model
         step = dsv3_step_fn(run, batches, depth > 0, args.accum, not args.fp32_moments)
         record(key, _time_steps(step, 3 if compiled else 2, args.steps), fpt[depth])
+        # How evenly the last step's tokens went over the experts: the grouped GEMMs' speed depends on it.
+        results[f"{key}_maxvio"] = max(max_violation(m.load) for m in model.moe_layers())
         if key in profile:
             results[f"{key}_profile"] = kernel_profile(step, device, top=25)
         del model, run
