@@ -229,3 +229,22 @@ def test_throughput_benchmark_step_accumulates_micro_batches(monkeypatch):
     tokens = sum(b[:, :-1].numel() for b in batches)
     assert len(updates) == 1 and all(int(load.sum()) == tokens * cfg.num_experts_per_tok for load in updates[0])
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "e_score" not in n)
+
+
+def test_throughput_benchmark_times_prepared_text(dataset):
+    # --data: the four timed batches are the train split's first windows, in order; a vocabulary larger than the
+    # model's, or too few windows, is refused by name.
+    from benchmarks import train_throughput
+    from dsv3.loader import TokenDataset
+
+    cfg = dsv3.ModelConfig.preset("tiny")
+    batches = train_throughput.timed_batches(cfg, 2, 16, str(dataset))
+    assert [tuple(b.shape) for b in batches] == [(2, 17)] * 4
+    first = TokenDataset(dataset, "train").tokens(0, 17)
+    assert batches[0][0].tolist() == first.tolist()
+    with pytest.raises(SystemExit, match="vocabulary"):
+        train_throughput.timed_batches(cfg.replace(vocab_size=16), 2, 16, str(dataset))
+    with pytest.raises(SystemExit, match="fewer than 4 batches"):
+        train_throughput.timed_batches(cfg, 10**6, 16, str(dataset))
+    random = train_throughput.timed_batches(cfg, 2, 16, None)
+    assert len(random) == 4 and all(int(b.max()) < cfg.vocab_size for b in random)
