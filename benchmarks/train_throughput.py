@@ -93,6 +93,20 @@ def dsv3_step_fn(model, batches, mtp: bool, accum: int, bf16_moments: bool):
     return step
 
 
+def hf_model(cfg, impl: str, checkpoint: str | None):
+    """transformers' DeepseekV3ForCausalLM of cfg (no MTP, which it lacks) with fp32 weights: the checkpoint's, or
+    random ones; experts_implementation `impl`."""
+    import transformers
+
+    kw = dict(experts_implementation=impl, attn_implementation="sdpa")
+    if checkpoint:
+        return transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
+                                                                 num_nextn_predict_layers=0, **kw)
+    hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in cfg.replace(num_nextn_predict_layers=0)
+                                              .to_hf().items() if k not in ("architectures", "torch_dtype")})
+    return transformers.DeepseekV3ForCausalLM._from_config(hf_cfg, **kw)
+
+
 def hf_step_fn(model, batches, accum: int):
     opt = _optimizer(model, bf16_moments=False)
     it = iter(range(10**9))
@@ -141,10 +155,11 @@ def main() -> None:
                    help="a `dsv3 prepare` folder: time on the first windows of its train split instead of random "
                         "tokens (its vocabulary must be the model's)")
     args = p.parse_args()
-    import transformers
 
     device = torch.device("cuda")
     if args.model:
+        if args.vocab:
+            raise SystemExit("--vocab changes a preset's vocabulary; a --model checkpoint has its own")
         cfg = dsv3.ModelConfig.from_hf(args.model)
     else:
         cfg = dsv3.ModelConfig.preset(args.preset, **({"vocab_size": args.vocab} if args.vocab else {}))
@@ -153,7 +168,7 @@ def main() -> None:
     peak = peak_bf16_flops(device) or 989e12
     flops = {d: model_stats(cfg.replace(num_nextn_predict_layers=d), args.seq) for d in (0, 1)}
     fpt = {0: 3 * flops[0].fwd_flops_per_token, 1: flops[1].train_flops_per_token}
-    results: dict = {"preset": args.preset, "model": args.model, "data": args.data,
+    results: dict = {"preset": None if args.model else args.preset, "model": args.model, "data": args.data,
                      "batch": args.batch, "seq": args.seq, "accum": args.accum,
                      "dsv3_bf16_moments": not args.fp32_moments,
                      "peak_tflops": peak / 1e12,
@@ -165,17 +180,9 @@ def main() -> None:
         print(f"{key}: {tokens / seconds:,.0f} tokens/s, MFU {100 * results[f'{key}_mfu']:.1f}%", flush=True)
 
     # The peer first: its row is the one a cut-short run must not lose.
-    hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in cfg.replace(num_nextn_predict_layers=0)
-                                              .to_hf().items() if k not in ("architectures", "torch_dtype")})
     for impl in filter(None, args.hf_impls.split(",")):
         try:
-            if args.model:
-                hf = transformers.AutoModelForCausalLM.from_pretrained(
-                    args.model, dtype=torch.float32, experts_implementation=impl, attn_implementation="sdpa",
-                    num_nextn_predict_layers=0).to(device)
-            else:
-                hf = transformers.DeepseekV3ForCausalLM._from_config(hf_cfg, experts_implementation=impl,
-                                                                     attn_implementation="sdpa").to(device)
+            hf = hf_model(cfg, impl, args.model).to(device)
         except (TypeError, ValueError) as e:
             results[f"hf_{impl}_error"] = str(e)[:200]
             continue

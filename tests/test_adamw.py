@@ -108,21 +108,21 @@ def _check_fp8_cache_follows_the_step(device: str) -> None:
     # The FP8 layers keep their quantised weights until the weight's version moves; the kernel's step must move it,
     # or FP8 training runs on its first weights for ever (found on the H200: a small model "learnt" random tokens
     # to a loss of 0.07 through its trainable head while every FP8 layer stayed frozen).
-    from dsv3.fp8_train import Fp8Linear, Fp8Settings, _WeightCache, make_adamw
+    from dsv3.fp8_train import apply_fp8, make_adamw
     from dsv3.ops.fp8_gemm import fp8_unsupported_reason
 
-    lin = torch.nn.Linear(256, 128, bias=False).to(device)
-    lin.__class__ = Fp8Linear
-    lin.fp8 = Fp8Settings(emulate=fp8_unsupported_reason(torch.device(device)) is not None)  # kernels on Hopper
-    lin._fp8_cache = _WeightCache()
+    emulate = fp8_unsupported_reason(torch.device(device)) is not None  # the kernels on Hopper
+
+    def fp8_linear() -> torch.nn.Linear:
+        return apply_fp8(torch.nn.Linear(256, 128, bias=False).to(device), emulate=emulate)
+
+    lin = fp8_linear()
     x = torch.randn(8, 256, device=device)
     before = lin(x)
     opt = make_adamw(lin.parameters(), lr=1e-1, weight_decay=0.0, bf16_moments=True)
     lin.weight.grad = torch.ones_like(lin.weight)
     opt.step()  # every weight moves by lr (Adam's first step)
-    fresh = torch.nn.Linear(256, 128, bias=False).to(device)
-    fresh.__class__ = Fp8Linear
-    fresh.fp8, fresh._fp8_cache = lin.fp8, _WeightCache()
+    fresh = fp8_linear()
     with torch.no_grad():
         fresh.weight.copy_(lin.weight)
     assert not torch.equal(lin(x), before)
