@@ -8,11 +8,13 @@ import torch
 
 import dsv3
 from tests.conftest import shakespeare_dataset
+from dsv3.prepare import prepare
 from dsv3.balance import balance_loss, max_violation, update_bias
 from dsv3.model import MoE, Routing
 from dsv3.schedule import LRSchedule, batch_size_at
 from dsv3.loss import head_cross_entropy
-from dsv3.train import TrainConfig, Trainer, TrainingDiverged, load_train_config, mtp_terms
+from dsv3.train import (TrainConfig, Trainer, TrainingDiverged, load_train_config, mtp_terms,
+                        padded_vocab_size)
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +203,21 @@ def test_fp8_precision_trains_emulated_on_the_cpu(dataset, tmp_path):
     trainer.train()
     losses = _losses(tmp_path / "fp8")
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_vocabulary_is_padded_to_a_multiple_of_128(tok_dir, shared_data, tmp_path):
+    # DeepSeek-V3's tokenizer has 128,815 tokens; a head of that many rows has no aligned tensor-core GEMM.
+    assert [padded_vocab_size(n) for n in (512, 513, 128_815)] == [512, 640, 128_896]
+    src = tmp_path / "src"
+    src.mkdir()
+    text = (shared_data / "corpus" / "shakespeare.txt").read_text(encoding="utf-8")
+    for i in range(4):
+        (src / f"part{i}.txt").write_text(text[i * 20_000:(i + 1) * 20_000], encoding="utf-8")
+    prepare([src], tmp_path / "ds", tokenizer=tok_dir / "tokenizer.json", val_fraction=0.25, workers=1)
+    trainer = Trainer(_tc(tmp_path / "ds", tmp_path / "run", max_steps=2, micro_batch=2, batch_size=2), progress=False)
+    assert trainer.train_data.vocab_size == 128_815 and trainer.cfg.vocab_size == 128_896
+    trainer.train()
+    assert dsv3.ModelConfig.from_hf(tmp_path / "run" / "model").vocab_size == 128_896
 
 
 def test_moments_are_bf16_under_mixed_precision_and_fp32_in_fp32(dataset, tmp_path):
