@@ -57,7 +57,7 @@ class TrainConfig:
     # model
     preset: str = "tiny"
     model_config: str | None = None  # a config.json (or folder) instead of the preset
-    init_from: str | None = None  # an HF checkpoint to start from
+    init_from: str | None = None  # an HF checkpoint to start from; its config sets the shapes, not the preset
     mtp_depth: int | None = None  # None: the config's num_nextn_predict_layers; 0 disables MTP
     # data
     data: str | None = None  # a folder made by `dsv3 prepare`
@@ -161,9 +161,7 @@ class Trainer:
         self.val_data = TokenDataset(tc.data, "val")
         self.out = Path(tc.out)
 
-        cfg = ModelConfig.from_hf(tc.model_config) if tc.model_config else ModelConfig.preset(tc.preset)
-        # The model's vocabulary is the tokenizer's, padded; the preset only sets the shape of everything else.
-        cfg = cfg.replace(vocab_size=padded_vocab_size(self.train_data.vocab_size), quantization_config=None)
+        cfg = self._model_config(tc)
         if tc.mtp_depth is not None:
             cfg = cfg.replace(num_nextn_predict_layers=tc.mtp_depth)
         if tc.balance == "aux_free" and cfg.topk_method != "noaux_tc":
@@ -172,7 +170,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.model = build_model(cfg, device=self.device, dtype=torch.float32, seed=tc.seed)
         if tc.init_from:
-            self.model.load_state_dict(load_model(tc.init_from, device=self.device, dtype=torch.float32).state_dict())
+            self._load_initial_weights(tc.init_from)
         if tc.activation_checkpointing:
             for block in [*self.model.layers, *(m.block for m in self.model.mtp)]:
                 block.checkpoint = True
@@ -206,6 +204,34 @@ class Trainer:
     # ---- pieces ----------------------------------------------------------------------------------------------
     def _balance_alpha(self) -> float:
         return self.tc.seq_aux_alpha if self.tc.balance == "aux_free" else self.tc.aux_loss_alpha
+
+    def _model_config(self, tc: TrainConfig) -> ModelConfig:
+        vocab = self.train_data.vocab_size
+        if tc.init_from:
+            if tc.model_config:
+                raise ValueError("give --init-from or --model-config, not both: the checkpoint's config.json sets "
+                                 "the model's shapes")
+            cfg = ModelConfig.from_hf(tc.init_from)
+            if cfg.vocab_size < vocab:
+                raise ValueError(f"--init-from {tc.init_from} has a vocabulary of {cfg.vocab_size} tokens, fewer "
+                                 f"than the {vocab} of the data in {tc.data}")
+        else:
+            cfg = ModelConfig.from_hf(tc.model_config) if tc.model_config else ModelConfig.preset(tc.preset)
+            # The vocabulary is the tokenizer's, padded; the preset only sets the shape of everything else.
+            cfg = cfg.replace(vocab_size=padded_vocab_size(vocab))
+        return cfg.replace(quantization_config=None)
+
+    def _load_initial_weights(self, path: str) -> None:
+        # Every weight comes from the checkpoint (FP8 ones dequantised), except MTP depths it lacks, which keep
+        # their fresh initialisation: --mtp-depth may ask for more than it has.
+        source_depth = ModelConfig.from_hf(path).num_nextn_predict_layers
+        source = load_model(path, device=self.device, dtype=torch.float32, fp8_gemms=False,
+                            mtp=source_depth > 0 and self.cfg.num_nextn_predict_layers > 0).state_dict()
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in source and not k.startswith("mtp.")]
+        if missing:
+            raise ValueError(f"--init-from {path} lacks {len(missing)} of the model's weights, e.g. {missing[0]}")
+        self.model.load_state_dict({k: v for k, v in source.items() if k in own}, strict=False)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         groups = adamw_param_groups(self.model, self.tc.weight_decay)

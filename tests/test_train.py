@@ -220,6 +220,30 @@ def test_vocabulary_is_padded_to_a_multiple_of_128(tok_dir, shared_data, tmp_pat
     assert dsv3.ModelConfig.from_hf(tmp_path / "run" / "model").vocab_size == 128_896
 
 
+def test_init_from_a_checkpoint(dataset, tmp_path):
+    Trainer(_tc(dataset, tmp_path / "a", max_steps=2), progress=False).train()
+    source = dsv3.load_model(tmp_path / "a" / "model", dtype=torch.float32)
+    # The checkpoint's config sets the shapes (the preset is ignored); its weights are the start, MTP included.
+    trainer = Trainer(_tc(dataset, tmp_path / "b", preset="small", init_from=str(tmp_path / "a" / "model")),
+                      progress=False)
+    assert trainer.cfg.hidden_size == source.cfg.hidden_size
+    for name, want in source.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], want), name
+    # Without MTP, and with more MTP depths than it has (the new one fresh).
+    assert Trainer(_tc(dataset, tmp_path / "c", init_from=str(tmp_path / "a" / "model"), mtp_depth=0),
+                   progress=False).cfg.num_nextn_predict_layers == 0
+    deeper = Trainer(_tc(dataset, tmp_path / "d", init_from=str(tmp_path / "a" / "model"), mtp_depth=2),
+                     progress=False).model
+    assert torch.equal(deeper.mtp[0].eh_proj.weight, source.mtp[0].eh_proj.weight)
+    # A vocabulary smaller than the data's is refused, by name.
+    small = tmp_path / "small_vocab"
+    dsv3.save_model(dsv3.build_model(source.cfg.replace(vocab_size=256), seed=0), small)
+    with pytest.raises(ValueError, match="vocabulary of 256"):
+        Trainer(_tc(dataset, tmp_path / "e", init_from=str(small)), progress=False)
+    with pytest.raises(ValueError, match="not both"):
+        Trainer(_tc(dataset, tmp_path / "f", init_from=str(small), model_config=str(small)), progress=False)
+
+
 def test_moments_are_bf16_under_mixed_precision_and_fp32_in_fp32(dataset, tmp_path):
     # The report's bf16 moments under bf16 (and FP8) precision; fp32 training keeps torch's fp32 ones; the flag wins.
     def optimizer(**kw):
