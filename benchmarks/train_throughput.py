@@ -11,9 +11,10 @@ FP8 recipe (`apply_fp8`: fine-grained FP8 GEMMs for every linear layer and exper
 uses dsv3's FLOP count (`dsv3.info`) and the bf16 dense peak of the GPU.
 
 By default both start from random weights of `--preset` and see random tokens. At random init the router sends most
-of a sequence's tokens to the same few experts (MaxVio up to ~10 on `1b`), which no trained model does for long and
-which slows the experts' grouped GEMMs. `--model DIR` starts both from a trained checkpoint (router biases included)
-and `--data DIR` times on a prepared dataset's text. Each dsv3 row records the MaxVio of its last step.
+of a sequence's tokens to the same few experts (MaxVio up to ~10 on `1b`), which no trained model does for long.
+`--model DIR` starts both from a trained checkpoint (router biases included) and `--data DIR` times on a prepared
+dataset's text; on `1b` after 300 steps the speed was the same within 1% (docs/benchmarks.md, session 20). Each
+dsv3 row records the MaxVio of its last step.
 """
 
 from __future__ import annotations
