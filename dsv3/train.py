@@ -143,7 +143,7 @@ def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
 
 
 def padded_vocab_size(n: int, multiple: int = 128) -> int:
-    """n rounded up to a multiple of 128, as DeepSeek-V3 pads its 128,815 tokens to 129,280 (a multiple of 128 too).
+    """n rounded up to a multiple of `multiple`; 128, as DeepSeek-V3 pads its 128,815 tokens to 129,280 (1,010 x 128).
     Why: a head whose rows are not a multiple of 8 has no aligned tensor-core GEMM, and cuBLAS falls back to sm75
     kernels: the `1b` step at DeepSeek-V3's exact 128,815 took 190 ms of kernels instead of 100 on an H200."""
     return -(-n // multiple) * multiple
