@@ -161,6 +161,7 @@ class Trainer:
         self.val_data = TokenDataset(tc.data, "val")
         self.out = Path(tc.out)
 
+        self.resume_from = find_checkpoint(Path(resume)) if resume else None
         cfg = self._model_config(tc)
         if tc.mtp_depth is not None:
             cfg = cfg.replace(num_nextn_predict_layers=tc.mtp_depth)
@@ -198,8 +199,8 @@ class Trainer:
             3 * stats.fwd_flops_per_token
         peak = tc.peak_tflops * 1e12 if tc.peak_tflops is not None else peak_bf16_flops(self.device)
         self.peak_flops = peak * self.world_size if peak else None  # the whole job's
-        if resume:
-            self._resume(Path(resume))
+        if self.resume_from:
+            self._resume(self.resume_from)
 
     # ---- pieces ----------------------------------------------------------------------------------------------
     def _balance_alpha(self) -> float:
@@ -207,7 +208,10 @@ class Trainer:
 
     def _model_config(self, tc: TrainConfig) -> ModelConfig:
         vocab = self.train_data.vocab_size
-        if tc.init_from:
+        if self.resume_from:
+            # A resumed run keeps its own model, whatever the preset or this version's vocabulary padding say.
+            cfg = ModelConfig.from_hf(self.resume_from / "model")
+        elif tc.init_from:
             if tc.model_config:
                 raise ValueError("give --init-from or --model-config, not both: the checkpoint's config.json sets "
                                  "the model's shapes")
@@ -431,14 +435,6 @@ class Trainer:
         return final
 
     def _resume(self, path: Path) -> None:
-        if path.name == "checkpoints" or (path / "checkpoints").is_dir():
-            root = path if path.name == "checkpoints" else path / "checkpoints"
-            found = sorted(root.glob("step-*"))
-            if not found:
-                raise FileNotFoundError(f"no checkpoint to resume from in {root}")
-            path = found[-1]
-        if not (path / "trainer_state.pt").is_file():
-            raise FileNotFoundError(f"{path} is not a training checkpoint (no trainer_state.pt)")
         # weights_only: the optimiser state is tensors and numbers; nothing else may be unpickled.
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
         self.loader.load_state_dict(state["loader"])  # first: it refuses a different batch layout or world size
@@ -453,6 +449,20 @@ class Trainer:
         if state["cuda_rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"][0], self.device)
         self.last_checkpoint = path
+
+
+def find_checkpoint(path: Path) -> Path:
+    """The training checkpoint `path` names: a step-* folder, or the latest one in a run's checkpoints folder (or in
+    the run folder's)."""
+    if path.name == "checkpoints" or (path / "checkpoints").is_dir():
+        root = path if path.name == "checkpoints" else path / "checkpoints"
+        found = sorted(root.glob("step-*"))
+        if not found:
+            raise FileNotFoundError(f"no checkpoint to resume from in {root}")
+        path = found[-1]
+    if not (path / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"{path} is not a training checkpoint (no trainer_state.pt)")
+    return path
 
 
 def mtp_terms(mtp_hidden: list[torch.Tensor], head: torch.Tensor,

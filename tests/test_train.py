@@ -128,7 +128,8 @@ def test_exact_resume(dataset, tmp_path):
     Trainer(_tc(dataset, straight), progress=False).train()
     first = tmp_path / "resumed"
     Trainer(_tc(dataset, first), progress=False).train(stop_at=10)
-    Trainer(_tc(dataset, first), resume=first / "checkpoints", progress=False).train()
+    # The resumed run keeps the checkpoint's model: a different --preset now does not change it.
+    Trainer(_tc(dataset, first, preset="small"), resume=first / "checkpoints", progress=False).train()
     a, b = _losses(straight), _losses(first)
     assert len(a) == 20 and len(b) == 20
     assert a == b  # bit-identical at every step
