@@ -52,6 +52,8 @@ def pass_fn(layer, x: torch.Tensor, dy: torch.Tensor, autocast: bool = True):
     """A forward and backward pass of layer on x (fp32, wanting a gradient), under bf16 autocast on x's device."""
 
     def run():
+        x.grad = None  # as a training step starts: no gradients to accumulate into
+        layer.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             y = layer(x.unsqueeze(0)).squeeze(0)
         y.backward(dy)
@@ -62,8 +64,6 @@ def pass_fn(layer, x: torch.Tensor, dy: torch.Tensor, autocast: bool = True):
 
 def outputs_and_grads(layer, x: torch.Tensor, dy: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
     """One pass's output and the gradients of its input and of the experts' weights."""
-    x.grad = None
-    layer.zero_grad(set_to_none=True)
     y = pass_fn(layer, x, dy, autocast)()
     return [y.detach(), x.grad.clone(), layer.experts.gate_up_proj.grad.clone(), layer.experts.down_proj.grad.clone()]
 
