@@ -55,6 +55,14 @@ def kernel_profile(fn, device: torch.device, top: int = 15) -> dict:
             "top_kernels_by_time": {n: {"us": round(us[n], 1), "calls": calls[n]} for n in ranked}}
 
 
+def hf_config(cfg):
+    """transformers' DeepseekV3Config of a dsv3 ModelConfig (the peer's model of the same shapes)."""
+    import transformers
+
+    return transformers.DeepseekV3Config(**{k: v for k, v in cfg.to_hf().items()
+                                            if k not in ("architectures", "torch_dtype")})
+
+
 def machine() -> dict:
     info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "torch": torch.__version__,
             "python": platform.python_version()}

@@ -22,7 +22,7 @@ import argparse
 import torch
 
 import dsv3
-from benchmarks.common import kernel_profile, save_results, time_fn
+from benchmarks.common import hf_config, kernel_profile, save_results, time_fn
 from dsv3.balance import max_violation
 from dsv3.model import MoE
 
@@ -30,7 +30,6 @@ from dsv3.model import MoE
 def layers(cfg: dsv3.ModelConfig, impl: str, device: torch.device, seed: int = 0):
     """dsv3's MoE and transformers' DeepseekV3MoE of cfg with the same random weights (their parameter names and
     layouts are the same), fp32 on device."""
-    import transformers
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     ours = MoE(cfg)
@@ -40,9 +39,8 @@ def layers(cfg: dsv3.ModelConfig, impl: str, device: torch.device, seed: int = 0
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=gen) * cfg.initializer_range)
         ours.gate.e_score_correction_bias.zero_()
-    hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in cfg.to_hf().items()
-                                              if k not in ("architectures", "torch_dtype")})
-    hf_cfg._experts_implementation = impl
+    hf_cfg = hf_config(cfg)
+    hf_cfg._experts_implementation = impl  # what from_pretrained's experts_implementation sets
     theirs = DeepseekV3MoE(hf_cfg)
     theirs.load_state_dict(ours.state_dict())
     return ours.to(device), theirs.to(device)

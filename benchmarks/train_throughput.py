@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3
-from benchmarks.common import kernel_profile, save_results
+from benchmarks.common import hf_config, kernel_profile, save_results
 from dsv3.balance import balance_loss, max_violation, update_bias
 from dsv3.info import model_stats
 from dsv3.loader import TokenDataset, iter_eval_batches
@@ -103,9 +103,7 @@ def hf_model(cfg, impl: str, checkpoint: str | None):
     if checkpoint:
         return transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
                                                                  num_nextn_predict_layers=0, **kw)
-    hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in cfg.replace(num_nextn_predict_layers=0)
-                                              .to_hf().items() if k not in ("architectures", "torch_dtype")})
-    return transformers.DeepseekV3ForCausalLM._from_config(hf_cfg, **kw)
+    return transformers.DeepseekV3ForCausalLM._from_config(hf_config(cfg.replace(num_nextn_predict_layers=0)), **kw)
 
 
 def hf_step_fn(model, batches, accum: int):
