@@ -13,6 +13,10 @@ Notable features:
   for the auxiliary-loss-free bias update and MaxVio.
 - On CUDA the gate's expert choice (group scores and mask, the top-k's, tokens per expert) is one Triton launch
   (`ops.moe_decode.select`) on the scores autograd computed: the same experts, weights and gradients as in PyTorch.
+- Training: sibling projections that read one input (MLA's q_a and kv_a, an MLP's gate and up) run as one GEMM
+  over their weights concatenated in the graph; the routed experts' input is cast to autocast's dtype before it is
+  copied K times, and each token's expert outputs are combined by `ops.combine`, whose backward reads each token's
+  gradient once.
 - At decode batch sizes (inference, CUDA, T * K <= E) a MoE layer runs fused Triton kernels instead (`ops.moe_decode`:
   one routing launch, two expert GEMVs over the chosen experts' and the shared experts' weights): the same routing
   and load, the same output up to rounding.
@@ -35,6 +39,7 @@ from torch import nn
 
 from .config import ModelConfig, yarn_mscale
 from .ops import moe_decode
+from .ops.combine import combine
 from .ops.grouped import grouped_mm
 
 
@@ -126,11 +131,16 @@ def share_weight(*layers: nn.Module, current: torch.Tensor | None = None) -> tor
 
 
 def shared_linear(x: torch.Tensor, buffer: torch.Tensor | None, *layers: nn.Module) -> list[torch.Tensor]:
-    """[layer(x) for layer in layers], as one GEMM over `buffer` (share_weight's) when there is one and no
-    gradient is wanted: the buffer is a copy autograd does not connect to the parameters."""
-    if buffer is None or torch.is_grad_enabled():
-        return [layer(x) for layer in layers]
-    return list(F.linear(x, buffer).split([layer.out_features for layer in layers], dim=-1))
+    """[layer(x) for layer in layers] as one GEMM: over `buffer` (share_weight's) when there is one and no gradient
+    is wanted (the buffer is a copy autograd does not connect to the parameters); when training, over the weights
+    concatenated in the graph (plain bias-free nn.Linear only: FP8 and quantised layers keep their own kernels).
+    Training's one GEMM also makes x's gradient one product, not one per layer plus their sum."""
+    sizes = [layer.out_features for layer in layers]
+    if buffer is not None and not torch.is_grad_enabled():
+        return list(F.linear(x, buffer).split(sizes, dim=-1))
+    if torch.is_grad_enabled() and all(type(layer) is nn.Linear and layer.bias is None for layer in layers):
+        return list(F.linear(x, torch.cat([layer.weight for layer in layers])).split(sizes, dim=-1))
+    return [layer(x) for layer in layers]
 
 
 # ---- attention ---------------------------------------------------------------------------------------------------
@@ -315,7 +325,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [N, D] -> ([N, D], tokens per expert [E])
-        n_tok, k = routing.indices.shape
+        k = routing.indices.shape[1]
         n_exp = routing.scores.shape[-1]
         flat = routing.indices.flatten()  # [N*K] expert of each (token, slot) pair
         order = flat.argsort(stable=True)  # [N*K] the pairs grouped by expert
@@ -324,13 +334,13 @@ class Experts(nn.Module):
         counts = (routing.counts if routing.counts is not None
                   else flat.new_zeros(n_exp).scatter_add_(0, flat, torch.ones_like(flat)))
         offs = counts.cumsum(0).to(torch.int32)
+        if torch.is_autocast_enabled(x.device.type):
+            # The experts' GEMMs read x in autocast's dtype: cast its N rows before they are copied K times.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         xs = _GatherRows.apply(x, order // k, where, k)  # [N*K, D], rows grouped by expert
         ys = self.mlp(xs, offs)  # [N*K, D]
-        ys = _GatherRows.apply(ys, where, order, 1).unflatten(0, (n_tok, k))  # [N, K, D], back in token order
-        # Each token's k expert outputs, weighted and summed in fp32 (under autocast ys is bf16): a reduction in a
-        # fixed order, so a step is reproducible on the GPU too.
-        out = (ys * routing.weights.unsqueeze(-1).to(ys.dtype)).sum(1, dtype=torch.float32)
-        return out.to(ys.dtype), counts
+        # Each token's k expert outputs, weighted and summed in fp32 in a fixed order (reproducible on the GPU too).
+        return combine(ys, where, routing.weights), counts
 
     def decode_weights(self, dtype: torch.dtype
                        ) -> tuple[torch.Tensor, torch.Tensor, moe_decode.Fp8Experts | None] | None:

@@ -215,7 +215,7 @@ def test_shared_input_weights_change_nothing_but_the_gemm_count(q_lora_rank):
     model.load_state_dict(fresh.state_dict())
     with torch.no_grad():
         assert torch.allclose(model(ids), fresh(ids), atol=1e-5)
-    # With gradients the layers run on their own, so every projection still learns.
+    # With gradients the layers' own weights are concatenated in the graph, so every projection still learns.
     model(ids).sum().backward()
     assert first.weight.grad.abs().sum() > 0 and attn.kv_a_proj_with_mqa.weight.grad.abs().sum() > 0
     assert mlp.gate_proj.weight.grad.abs().sum() > 0
@@ -251,3 +251,19 @@ def test_compiled_moe_trains_like_eager_on_the_cpu(dtype):
     for got, want in zip(grads[1], grads[0]):
         assert torch.isfinite(got).all()
         assert (got - want).norm() <= (1e-5 if dtype == torch.float32 else 2e-2) * want.norm()
+
+
+def test_training_runs_sibling_projections_as_one_gemm_with_the_same_gradients():
+    from dsv3.model import MLP, shared_linear
+
+    torch.manual_seed(0)
+    mlp = MLP(24, 40)
+    x = torch.randn(7, 24, requires_grad=True)
+    gate, up = shared_linear(x, None, mlp.gate_proj, mlp.up_proj)
+    (gate.square() + up).sum().backward()
+    got = [x.grad, mlp.gate_proj.weight.grad, mlp.up_proj.weight.grad]
+    x.grad = None
+    mlp.zero_grad(set_to_none=True)
+    (mlp.gate_proj(x).square() + mlp.up_proj(x)).sum().backward()
+    for a, b in zip(got, [x.grad, mlp.gate_proj.weight.grad, mlp.up_proj.weight.grad]):
+        torch.testing.assert_close(a, b)
