@@ -26,12 +26,12 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .model import Experts
 from .ops import fp8_gemm as ops
 from .ops.adamw import adamw_step_
+from .ops.swiglu import swiglu
 from .parallel import clip_coefficient, grad_norm
 
 
@@ -237,8 +237,8 @@ class Fp8Experts(Experts):
 
     def mlp(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         # xs: [M, D] rows grouped by expert; offs: [E] -> [M, D]
-        gate, up = _fp8_matmul(xs, self.gate_up_proj, offs, self.fp8, self._fp8_cache).chunk(2, dim=-1)
-        return _fp8_matmul(F.silu(gate) * up, self.down_proj, offs, self.fp8, self._fp8_cache)
+        h = swiglu(_fp8_matmul(xs, self.gate_up_proj, offs, self.fp8, self._fp8_cache))
+        return _fp8_matmul(h, self.down_proj, offs, self.fp8, self._fp8_cache)
 
 
 def apply_fp8(model: nn.Module, emulate: bool | None = None, pow2_scales: bool = False) -> nn.Module:

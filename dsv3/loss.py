@@ -60,10 +60,22 @@ def _add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += a @ b
 
 
+# A chunk's logits take at most this much memory: 16,384 tokens of bf16 logits at DeepSeek-V3's vocabulary, 8,192
+# of fp32. Longer chunks add fewer fp32 partial sums into the head weight's gradient (H200, 1b at batch 48 with MTP:
+# +0.3% tokens/s from 8,192 to 16,384 bf16 tokens).
+CHUNK_BYTES = 4 << 30
+
+
 def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                       chunk_tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+                       chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden: [N, D], weight: [V, D], targets: [N] (-100 ignored) -> (mean loss, top-1 accuracy) over the
-    non-ignored targets."""
+    non-ignored targets. chunk_tokens: tokens per chunk of logits, by default a multiple of 1024 whose logits fit
+    in CHUNK_BYTES."""
+    if chunk_tokens is None:
+        dev = hidden.device.type
+        dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                 else torch.promote_types(hidden.dtype, weight.dtype))
+        chunk_tokens = max(1024, CHUNK_BYTES // (weight.shape[0] * dtype.itemsize) // 1024 * 1024)
     # Grad mode is off inside the Function's forward: it is read here, so that evaluation makes no gradients.
     loss, correct = _HeadLoss.apply(hidden, weight, targets, chunk_tokens, torch.is_grad_enabled())
     count = (targets >= 0).sum().clamp(min=1)

@@ -41,6 +41,7 @@ from .config import ModelConfig, yarn_mscale
 from .ops import moe_decode
 from .ops.combine import combine
 from .ops.grouped import grouped_mm
+from .ops.swiglu import swiglu
 
 
 class RMSNorm(nn.Module):
@@ -130,17 +131,17 @@ def share_weight(*layers: nn.Module, current: torch.Tensor | None = None) -> tor
     return buffer
 
 
-def shared_linear(x: torch.Tensor, buffer: torch.Tensor | None, *layers: nn.Module) -> list[torch.Tensor]:
-    """[layer(x) for layer in layers] as one GEMM: over `buffer` (share_weight's) when there is one and no gradient
-    is wanted (the buffer is a copy autograd does not connect to the parameters); when training, over the weights
-    concatenated in the graph (plain bias-free nn.Linear only: FP8 and quantised layers keep their own kernels).
-    Training's one GEMM also makes x's gradient one product, not one per layer plus their sum."""
-    sizes = [layer.out_features for layer in layers]
+def shared_linear(x: torch.Tensor, buffer: torch.Tensor | None, *layers: nn.Module) -> torch.Tensor:
+    """torch.cat([layer(x) for layer in layers], -1) as one GEMM: over `buffer` (share_weight's) when there is one
+    and no gradient is wanted (the buffer is a copy autograd does not connect to the parameters); when training,
+    over the weights concatenated in the graph (plain bias-free nn.Linear only: FP8 and quantised layers keep their
+    own kernels, and their outputs are concatenated). Training's one GEMM also makes x's gradient one product, not
+    one per layer plus their sum."""
     if buffer is not None and not torch.is_grad_enabled():
-        return list(F.linear(x, buffer).split(sizes, dim=-1))
+        return F.linear(x, buffer)
     if torch.is_grad_enabled() and all(type(layer) is nn.Linear and layer.bias is None for layer in layers):
-        return list(F.linear(x, torch.cat([layer.weight for layer in layers])).split(sizes, dim=-1))
-    return [layer(x) for layer in layers]
+        return F.linear(x, torch.cat([layer.weight for layer in layers]))
+    return torch.cat([layer(x) for layer in layers], dim=-1)
 
 
 # ---- attention ---------------------------------------------------------------------------------------------------
@@ -176,7 +177,8 @@ class MLA(nn.Module):
     def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [B, T, D] -> q: [B, T, H * (nope + rope)] (through the query LoRA when there is one), and kv_a_proj's
         # output [B, T, kv_lora + rope], before its norm and rope
-        q, kv = shared_linear(x, self.input_weight, self.q_input_proj, self.kv_a_proj_with_mqa)
+        q, kv = shared_linear(x, self.input_weight, self.q_input_proj, self.kv_a_proj_with_mqa).split(
+            [self.q_input_proj.out_features, self.kv_a_proj_with_mqa.out_features], dim=-1)
         if self.cfg.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         return q, kv
@@ -228,8 +230,7 @@ class MLP(nn.Module):
         self.input_weight = share_weight(self.gate_proj, self.up_proj, current=self.input_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = shared_linear(x, self.input_weight, self.gate_proj, self.up_proj)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(shared_linear(x, self.input_weight, self.gate_proj, self.up_proj)))
 
 
 @dataclass
@@ -353,8 +354,8 @@ class Experts(nn.Module):
     def mlp(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         # xs: [M, D] rows grouped by expert, offs: [E] int32 group ends -> [M, D], each row through its expert.
         # The one place FP8 variants (training's Fp8Experts, serving's Fp8WeightExperts) differ from this class.
-        gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs)
+        return grouped_mm(swiglu(grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs)),
+                          self.down_proj.transpose(1, 2), offs)
 
 
 class MoE(nn.Module):

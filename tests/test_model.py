@@ -259,7 +259,7 @@ def test_training_runs_sibling_projections_as_one_gemm_with_the_same_gradients()
     torch.manual_seed(0)
     mlp = MLP(24, 40)
     x = torch.randn(7, 24, requires_grad=True)
-    gate, up = shared_linear(x, None, mlp.gate_proj, mlp.up_proj)
+    gate, up = shared_linear(x, None, mlp.gate_proj, mlp.up_proj).split([40, 40], dim=-1)
     (gate.square() + up).sum().backward()
     got = [x.grad, mlp.gate_proj.weight.grad, mlp.up_proj.weight.grad]
     x.grad = None
