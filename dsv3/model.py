@@ -40,6 +40,7 @@ from torch import nn
 from .config import ModelConfig, yarn_mscale
 from .ops import moe_decode
 from .ops.combine import combine
+from .ops.dispatch import dispatch
 from .ops.grouped import grouped_mm
 from .ops.swiglu import swiglu
 
@@ -298,24 +299,6 @@ class Gate(nn.Module):
         return choice.topk(cfg.num_experts_per_tok, dim=-1).indices
 
 
-class _GatherRows(torch.autograd.Function):
-    """y = x[index] [N*k, D] where each of x's N rows appears exactly k times; `copies` [N*k] lists, row by row, the
-    positions in y of its copies. The gradient is then a gather and a sum over each row's k copies, where plain
-    indexing would scatter-add it with atomics: slower on the GPU, and in an order that varies from run to run."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, copies: torch.Tensor, k: int) -> torch.Tensor:
-        ctx.save_for_backward(copies)
-        ctx.k = k
-        return x[index]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (copies,) = ctx.saved_tensors
-        rows = grad[copies]
-        return (rows.unflatten(0, (-1, ctx.k)).sum(1) if ctx.k > 1 else rows), None, None, None
-
-
 class Experts(nn.Module):
     """The routed experts, stacked so one grouped GEMM runs them all."""
 
@@ -338,7 +321,7 @@ class Experts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             # The experts' GEMMs read x in autocast's dtype: cast its N rows before they are copied K times.
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        xs = _GatherRows.apply(x, order // k, where, k)  # [N*K, D], rows grouped by expert
+        xs = dispatch(x, where, k)  # [N*K, D], rows grouped by expert
         ys = self.mlp(xs, offs)  # [N*K, D]
         # Each token's k expert outputs, weighted and summed in fp32 in a fixed order (reproducible on the GPU too).
         return combine(ys, where, routing.weights), counts
