@@ -6,7 +6,8 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from dsv3.ops import adamw, cross_entropy, fp8_gemm, fp8_gemv, gemv, mla_decode, mla_prepare, moe_decode  # noqa: E402
+from dsv3.ops import (adamw, combine, cross_entropy, dispatch, fp8_gemm, fp8_gemv, gemv, mla_decode,  # noqa: E402
+                      mla_prepare, moe_decode, swiglu)
 from dsv3.ops.tuning import GEMV_TILES, INTERPRET, pdl_meta  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="under the interpreter the kernels are not compiled")
@@ -126,6 +127,22 @@ def test_fp8_gemm_kernels(config):
 def test_head_loss_kernel(grad):
     _compile(cross_entropy._ce_kernel, {"L": "*bf16", "T": "*i64", "LOSS": "*fp32", "CORRECT": "*i1"},
              dict(GRAD=grad, BLOCK=cross_entropy.BLOCK_V), num_warps=8)
+
+
+@pytest.mark.parametrize("block_d", [1024, 4096])  # 1b's hidden size, and wider rows on 8 warps
+def test_moe_dispatch_and_combine_kernels(block_d):
+    warps = 4 if block_d <= 2048 else 8
+    _compile(dispatch._dispatch_kernel, {"x_ptr": "*bf16", "where_ptr": "*i64", "xs_ptr": "*bf16"},
+             dict(K=8, BLOCK_D=block_d), warps)
+    _compile(combine._combine_backward_kernel, {"grad_ptr": "*bf16", "ys_ptr": "*bf16", "where_ptr": "*i64",
+                                                "w_ptr": "*fp32", "d_ys_ptr": "*bf16", "d_w_ptr": "*fp32"},
+             dict(K=8, BLOCK_D=block_d), warps)
+
+
+@pytest.mark.parametrize("block_i", [512, 4096])
+def test_swiglu_backward_kernel(block_i):
+    _compile(swiglu._swiglu_backward_kernel, {"grad_ptr": "*bf16", "h_ptr": "*bf16", "d_h_ptr": "*bf16"},
+             dict(BLOCK_M=swiglu.BLOCK_ELEMENTS // block_i, BLOCK_I=block_i), num_warps=8)
 
 
 @pytest.mark.parametrize("moment", ["*bf16", "*fp32"])
