@@ -14,8 +14,9 @@ Notable features:
 - On CUDA the gate's expert choice (group scores and mask, the top-k's, tokens per expert) is one Triton launch
   (`ops.moe_decode.select`) on the scores autograd computed: the same experts, weights and gradients as in PyTorch.
 - Training: sibling projections that read one input (MLA's q_a and kv_a, an MLP's gate and up) run as one GEMM
-  over their weights concatenated in the graph; the routed experts' input is cast to autocast's dtype before it is
-  copied K times, and each token's expert outputs are combined by `ops.combine`, whose backward reads each token's
+  over their weights concatenated in the graph; the routed experts' input is cast to autocast's dtype before
+  `ops.dispatch` copies it K times into expert order (each token read once), the SwiGLU's backward is one pass
+  (`ops.swiglu`), and each token's expert outputs are combined by `ops.combine`, whose backward reads each token's
   gradient once.
 - At decode batch sizes (inference, CUDA, T * K <= E) a MoE layer runs fused Triton kernels instead (`ops.moe_decode`:
   one routing launch, two expert GEMVs over the chosen experts' and the shared experts' weights): the same routing
