@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import subprocess
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +33,49 @@ def time_fn(fn, device: torch.device, warmup: int = 3, iters: int = 10) -> float
         times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
+
+
+class GpuMonitor:
+    """SM clock and board power of the current CUDA device while the block runs, sampled by nvidia-smi every 200 ms.
+
+    H200s under long GEMMs run at their power limit (700 W) and lower their SM clock to stay under it, each chip by
+    its own amount: the same build's tokens/s differed by up to ~4% between GPUs (docs/benchmarks.md, session 23),
+    so each timed row records what its GPU ran at. `summary()` is None where nvidia-smi is missing."""
+
+    def __init__(self, device: torch.device):
+        self.samples: list[tuple[float, float, float]] = []  # (SM MHz, W, limit W)
+        self.proc = None
+        if device.type == "cuda" and shutil.which("nvidia-smi"):
+            uuid = str(torch.cuda.get_device_properties(device).uuid)
+            self.cmd = ["nvidia-smi", "-i", uuid if uuid.startswith("GPU-") else f"GPU-{uuid}", "-lms", "200",
+                        "--query-gpu=clocks.sm,power.draw,power.limit", "--format=csv,noheader,nounits"]
+
+    def __enter__(self):
+        if hasattr(self, "cmd"):
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self.reader = threading.Thread(target=self._read, daemon=True)
+            self.reader.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.samples.append(tuple(float(x) for x in line.split(",")))
+            except ValueError:  # "[N/A]" fields
+                pass
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+            self.reader.join(timeout=5)
+
+    def summary(self) -> dict | None:
+        if not self.samples:
+            return None
+        mhz, watts, limit = zip(*self.samples)
+        return {"sm_mhz_mean": round(sum(mhz) / len(mhz)), "sm_mhz_min": round(min(mhz)),
+                "power_w_mean": round(sum(watts) / len(watts), 1), "power_limit_w": limit[-1], "samples": len(mhz)}
 
 
 def kernel_profile(fn, device: torch.device, top: int = 15) -> dict:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3
-from benchmarks.common import hf_config, kernel_profile, save_results
+from benchmarks.common import GpuMonitor, hf_config, kernel_profile, save_results
 from dsv3.balance import balance_loss, max_violation, update_bias
 from dsv3.info import model_stats
 from dsv3.loader import TokenDataset, iter_eval_batches
@@ -40,15 +40,18 @@ def _optimizer(model, bf16_moments: bool):
     return make_adamw(adamw_param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), bf16_moments=bf16_moments)
 
 
-def _time_steps(step, n_warmup: int, n_steps: int) -> float:
+def _time_steps(step, n_warmup: int, n_steps: int) -> tuple[float, dict | None]:
+    """(seconds per step, the GPU's clock and power over the timed steps)"""
     for _ in range(n_warmup):
         step()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n_steps
+    with GpuMonitor(torch.device("cuda")) as gpu:
+        t0 = time.perf_counter()
+        for _ in range(n_steps):
+            step()
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / n_steps
+    return seconds, gpu.summary()
 
 
 def timed_batches(cfg, batch: int, seq: int, data: str | None) -> list[torch.Tensor]:
@@ -173,10 +176,13 @@ def main() -> None:
                      "peak_tflops": peak / 1e12,
                      "train_flops_per_token": fpt}
 
-    def record(key: str, seconds: float, flops_per_token: float) -> None:
+    def record(key: str, timed: tuple[float, dict | None], flops_per_token: float) -> None:
+        seconds, gpu = timed
         results[f"{key}_tokens_per_s"] = tokens / seconds
         results[f"{key}_mfu"] = tokens / seconds * flops_per_token / peak
-        print(f"{key}: {tokens / seconds:,.0f} tokens/s, MFU {100 * results[f'{key}_mfu']:.1f}%", flush=True)
+        results[f"{key}_gpu"] = gpu
+        clock = f" (SM {gpu['sm_mhz_mean']} MHz, {gpu['power_w_mean']:.0f} W)" if gpu else ""
+        print(f"{key}: {tokens / seconds:,.0f} tokens/s, MFU {100 * results[f'{key}_mfu']:.1f}%{clock}", flush=True)
 
     # The peer first: its row is the one a cut-short run must not lose.
     for impl in filter(None, args.hf_impls.split(",")):
