@@ -44,14 +44,14 @@ class GpuMonitor:
 
     def __init__(self, device: torch.device):
         self.samples: list[tuple[float, float, float]] = []  # (SM MHz, W, limit W)
-        self.proc = None
+        self.proc, self.cmd = None, None
         if device.type == "cuda" and shutil.which("nvidia-smi"):
             uuid = str(torch.cuda.get_device_properties(device).uuid)
             self.cmd = ["nvidia-smi", "-i", uuid if uuid.startswith("GPU-") else f"GPU-{uuid}", "-lms", "200",
                         "--query-gpu=clocks.sm,power.draw,power.limit", "--format=csv,noheader,nounits"]
 
     def __enter__(self):
-        if hasattr(self, "cmd"):
+        if self.cmd is not None:
             self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             self.reader = threading.Thread(target=self._read, daemon=True)
             self.reader.start()
