@@ -1,13 +1,18 @@
-"""MLA's training attention, forward and backward: value heads at their own size vs padded to the query's.
+"""MLA's training attention, forward and backward, one layer: dsv3's Triton kernel against scaled_dot_product_attention.
 
     python -m benchmarks.attention --preset 1b --batch 8 --seq 2048
 
-MLA's value heads are narrower than its query/key heads (64 against 96 in `1b`, 128 against 192 in 671B). The peer
-is the padded form: v padded with zeros to the query's size and the output cut back, which transformers'
-DeepseekV3 does for flash attention 2 and dsv3 did until session 19. dsv3's `causal_attention` hands the two sizes
-to scaled_dot_product_attention as they are (cuDNN's attention on Hopper). The run prints milliseconds per forward +
-backward of one layer's attention under the default dispatch, the differences between the two forms' outputs and
-gradients, and which backends take the unpadded form.
+MLA's value heads are narrower than its query/key heads (64 against 96 in `1b`, 128 against 192 in 671B). The rows,
+each from the pieces MLA's projections make (q [B, T, H * (Dn + Dr)], kv_b's output [B, T, H * (Dn + Dv)], k_pe
+[B, T, Dr]) to the output in o_proj's layout and back to their gradients:
+- `padded`: q and k concatenated, v padded with zeros to the query's size and the output cut back, through
+  scaled_dot_product_attention: what transformers' DeepseekV3 does for flash attention 2;
+- `sdpa`: the same without the padding (cuDNN's attention on Hopper takes the two sizes): dsv3 until session 24, now
+  `ops.attention.mla_attention_reference`;
+- `dsv3`: `ops.attention.mla_attention`, the Triton kernels that read the pieces where they lie.
+It prints milliseconds per forward + backward, TFLOP/s (forward 2 x B x H x T(T+1)/2 x (Dqk + Dv), backward twice
+that, as the MFU count has it), the ratios, and the largest differences of dsv3's output and gradients from the
+`sdpa` row's, relative to the largest value.
 """
 
 from __future__ import annotations
@@ -16,16 +21,21 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dsv3
-from benchmarks.common import save_results, time_fn
-from dsv3.model import causal_attention
+from benchmarks.common import machine, save_results, time_fn
+from dsv3.ops import attention as kernels
+from dsv3.ops.attention import mla_attention, mla_attention_reference
 
 
-def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def padded_attention(q_nope, q_pe, kv, k_pe, scale: float) -> torch.Tensor:
+    heads, dn = q_nope.shape[2], q_nope.shape[-1]
+    k_nope, v = kv.split([dn, kv.shape[-1] - dn], dim=-1)
     dv = v.shape[-1]
-    return F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - dv)), is_causal=True, scale=scale)[..., :dv]
+    q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+    k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1).transpose(1, 2)
+    v = F.pad(v, (0, q.shape[-1] - dv)).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :dv].transpose(1, 2)
 
 
 def main() -> None:
@@ -37,38 +47,43 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda")
     cfg = dsv3.ModelConfig.preset(args.preset)
+    b, t, h = args.batch, args.seq, cfg.num_attention_heads
+    dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     gen = torch.Generator(device=device).manual_seed(0)
-    shape = (args.batch, cfg.num_attention_heads, args.seq)
 
-    def rand(dim: int) -> torch.Tensor:
-        return torch.randn(*shape, dim, generator=gen, device=device, dtype=torch.bfloat16).requires_grad_()
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.bfloat16).requires_grad_()
 
-    q, k, v = rand(cfg.qk_head_dim), rand(cfg.qk_head_dim), rand(cfg.v_head_dim)
-    grad_out = torch.randn(*shape, cfg.v_head_dim, generator=gen, device=device, dtype=torch.bfloat16)
+    # the projections' outputs, and the views MLA takes of them
+    q, kv, k_pe = rand(b, t, h * (dn + dr)), rand(b, t, h * (dn + dv)), rand(b, t, dr)
+    grad_o = torch.randn(b, t, h, dv, generator=gen, device=device, dtype=torch.bfloat16)
 
     def step(attn):
         def run():
-            out = attn(q, k, v, cfg.softmax_scale)
-            return out, torch.autograd.grad(out, (q, k, v), grad_out)
+            q_nope, q_pe = q.unflatten(-1, (h, dn + dr)).split([dn, dr], dim=-1)
+            out = attn(q_nope, q_pe, kv.unflatten(-1, (h, dn + dv)), k_pe, cfg.softmax_scale)
+            return out, torch.autograd.grad(out, (q, kv, k_pe), grad_o)
         return run
 
-    results: dict = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "heads": cfg.num_attention_heads,
-                     "qk_head_dim": cfg.qk_head_dim, "v_head_dim": cfg.v_head_dim}
-    for name, attn in (("padded", padded_attention), ("dsv3", causal_attention)):
-        results[f"{name}_ms"] = 1e3 * time_fn(step(attn), device, iters=args.iters)
-        print(f"{name}: {results[f'{name}_ms']:.3f} ms forward + backward", flush=True)
-    results["speedup"] = results["padded_ms"] / results["dsv3_ms"]
-    (want, want_g), (got, got_g) = step(padded_attention)(), step(causal_attention)()
-    results["max_output_diff"] = (got - want).abs().max().item()
-    results["max_grad_rel_diff"] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got_g, want_g))
-    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-        try:
-            with sdpa_kernel([backend]):
-                results[f"unpadded_{backend.name.lower()}_ms"] = 1e3 * time_fn(step(causal_attention), device,
-                                                                             iters=args.iters)
-        except RuntimeError as e:  # the backend refuses unequal head sizes
-            results[f"unpadded_{backend.name.lower()}_ms"] = f"refused: {str(e)[:120]}"
-    print(f"dsv3 is {results['speedup']:.2f}x the padded form", flush=True)
+    flops = 3 * 2 * b * h * t * (t + 1) / 2 * (dn + dr + dv)
+    results: dict = {"preset": args.preset, "batch": b, "seq": t, "heads": h, "qk_head_dim": dn + dr,
+                     "v_head_dim": dv, "tflop": flops / 1e12, "machine": machine()}
+    for name, attn in (("padded", padded_attention), ("sdpa", mla_attention_reference), ("dsv3", mla_attention)):
+        ms = 1e3 * time_fn(step(attn), device, iters=args.iters)
+        results[f"{name}_ms"], results[f"{name}_tflops"] = ms, flops / ms / 1e9
+        print(f"{name}: {ms:.3f} ms forward + backward, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+    for peer in ("padded", "sdpa"):
+        results[f"dsv3_vs_{peer}"] = results[f"{peer}_ms"] / results["dsv3_ms"]
+        print(f"dsv3 is {results[f'dsv3_vs_{peer}']:.2f}x {peer}", flush=True)
+    (want, want_g), (got, got_g) = step(mla_attention_reference)(), step(mla_attention)()
+    rel = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()  # noqa: E731
+    results["output_rel_diff"] = rel(got, want)
+    results["grad_rel_diffs"] = {n: rel(a, w) for n, a, w in zip(("q", "kv", "k_pe"), got_g, want_g)}
+    print(f"dsv3 against sdpa: output {results['output_rel_diff']:.2e}, gradients {results['grad_rel_diffs']}",
+          flush=True)
+    results["configs"] = {name: str(getattr(getattr(kernels, name), "best_config", None))
+                          for name in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel")}
+    print(f"autotuned: {results['configs']}", flush=True)
     save_results(f"attention_{args.preset}", results)
 
 

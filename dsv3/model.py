@@ -40,6 +40,7 @@ from torch import nn
 
 from .config import ModelConfig, yarn_mscale
 from .ops import moe_decode
+from .ops.attention import mla_attention
 from .ops.combine import combine
 from .ops.dispatch import dispatch
 from .ops.grouped import grouped_mm
@@ -203,20 +204,8 @@ class MLA(nn.Module):
         b, t, _ = x.shape
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim))
-        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, T, qk]
-        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
-        v = v.transpose(1, 2)  # [B, H, T, v]
-        o = causal_attention(q, k, v, self.softmax_scale)  # [B, H, T, v]
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    # q, k: [B, H, T, Dqk], v: [B, H, T, Dv] -> [B, H, T, Dv]. MLA's value heads are narrower than its query/key
-    # heads (64 against 96 in `1b`, 128 against 192 in 671B): cuDNN's attention, torch's first choice on Hopper,
-    # takes the two sizes as they are, so v is not padded to the query's size (which made the kernel's value
-    # products half as long again, and added a pad and a slice with their backward passes).
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        o = mla_attention(q_nope, q_pe, kv, k_pe, self.softmax_scale)  # [B, T, H, v]
+        return self.o_proj(o.reshape(b, t, -1))
 
 
 # ---- feed-forward ------------------------------------------------------------------------------------------------
