@@ -8,8 +8,8 @@ each from the pieces MLA's projections make (q [B, T, H * (Dn + Dr)], kv_b's out
 - `padded`: q and k concatenated, v padded with zeros to the query's size and the output cut back, through
   scaled_dot_product_attention: what transformers' DeepseekV3 does for flash attention 2;
 - `sdpa`: the same without the padding (cuDNN's attention on Hopper takes the two sizes): dsv3 until session 24, now
-  `ops.attention.mla_attention_reference`;
-- `dsv3`: `ops.attention.mla_attention`, the Triton kernels that read the pieces where they lie.
+  `ops.attention.mla_causal_attention_reference`;
+- `dsv3`: `ops.attention.mla_causal_attention`, the Triton kernels that read the pieces where they lie.
 It prints milliseconds per forward + backward, TFLOP/s (forward 2 x B x H x T(T+1)/2 x (Dqk + Dv), backward twice
 that, as the MFU count has it), the ratios, and the largest differences of dsv3's output and gradients from the
 `sdpa` row's, relative to the largest value.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import dsv3
 from benchmarks.common import machine, save_results, time_fn
 from dsv3.ops import attention as kernels
-from dsv3.ops.attention import mla_attention, mla_attention_reference
+from dsv3.ops.attention import mla_causal_attention, mla_causal_attention_reference
 
 
 def padded_attention(q_nope, q_pe, kv, k_pe, scale: float) -> torch.Tensor:
@@ -68,14 +68,15 @@ def main() -> None:
     flops = 3 * 2 * b * h * t * (t + 1) / 2 * (dn + dr + dv)
     results: dict = {"preset": args.preset, "batch": b, "seq": t, "heads": h, "qk_head_dim": dn + dr,
                      "v_head_dim": dv, "tflop": flops / 1e12, "machine": machine()}
-    for name, attn in (("padded", padded_attention), ("sdpa", mla_attention_reference), ("dsv3", mla_attention)):
+    rows = (("padded", padded_attention), ("sdpa", mla_causal_attention_reference), ("dsv3", mla_causal_attention))
+    for name, attn in rows:
         ms = 1e3 * time_fn(step(attn), device, iters=args.iters)
         results[f"{name}_ms"], results[f"{name}_tflops"] = ms, flops / ms / 1e9
         print(f"{name}: {ms:.3f} ms forward + backward, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
     for peer in ("padded", "sdpa"):
         results[f"dsv3_vs_{peer}"] = results[f"{peer}_ms"] / results["dsv3_ms"]
         print(f"dsv3 is {results[f'dsv3_vs_{peer}']:.2f}x {peer}", flush=True)
-    (want, want_g), (got, got_g) = step(mla_attention_reference)(), step(mla_attention)()
+    (want, want_g), (got, got_g) = step(mla_causal_attention_reference)(), step(mla_causal_attention)()
     rel = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()  # noqa: E731
     results["output_rel_diff"] = rel(got, want)
     results["grad_rel_diffs"] = {n: rel(a, w) for n, a, w in zip(("q", "kv", "k_pe"), got_g, want_g)}

@@ -40,7 +40,7 @@ from torch import nn
 
 from .config import ModelConfig, yarn_mscale
 from .ops import moe_decode
-from .ops.attention import mla_attention
+from .ops.attention import mla_causal_attention
 from .ops.combine import combine
 from .ops.dispatch import dispatch
 from .ops.grouped import grouped_mm
@@ -204,7 +204,7 @@ class MLA(nn.Module):
         b, t, _ = x.shape
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim))
-        o = mla_attention(q_nope, q_pe, kv, k_pe, self.softmax_scale)  # [B, T, H, v]
+        o = mla_causal_attention(q_nope, q_pe, kv, k_pe, self.softmax_scale)  # [B, T, H, v]
         return self.o_proj(o.reshape(b, t, -1))
 
 

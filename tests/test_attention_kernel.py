@@ -41,15 +41,15 @@ def test_reference_is_causal_softmax_attention():
     scores = (torch.einsum("bihd,bjhd->bhij", q_nope, k_nope) + torch.einsum("bihd,bjd->bhij", q_pe, k_pe)) * 0.7
     scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
     want = torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v)
-    torch.testing.assert_close(attn.mla_attention_reference(*split(), 0.7), want)
+    torch.testing.assert_close(attn.mla_causal_attention_reference(*split(), 0.7), want)
     # head sizes that are not powers of two take the reference everywhere
-    torch.testing.assert_close(attn.mla_attention(*split(), 0.7), want)
+    torch.testing.assert_close(attn.mla_causal_attention(*split(), 0.7), want)
 
 
 def _check(b, t, h, dn, dr, dv, dtype, device, tol):
     split, leaves, grad_o = _pieces(b, t, h, dn, dr, dv, dtype, device)
-    got, got_g = _run(attn.mla_attention, split, leaves, grad_o, 0.3)
-    want, want_g = _run(attn.mla_attention_reference, split, leaves, grad_o, 0.3)
+    got, got_g = _run(attn.mla_causal_attention, split, leaves, grad_o, 0.3)
+    want, want_g = _run(attn.mla_causal_attention_reference, split, leaves, grad_o, 0.3)
     assert got.shape == (b, t, h, dv) and got.dtype == dtype
     for a, w in zip((got, *got_g), (want, *want_g)):
         assert a.shape == w.shape and a.dtype == w.dtype
