@@ -168,6 +168,18 @@ if triton is not None:
                  value.to(ptr.dtype.element_ty), mask=rows[:, None] < t)
 
     @triton.jit
+    def _query_block(QN, QR, t, heads, sqn_b, sqn_t, sqn_h, sqr_b, sqr_t, sqr_h, DN: tl.constexpr, DR: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        # Program (i, b * H + h) of a grid over query blocks: rows [m0, m0 + BLOCK) of batch b, head h, and their
+        # q_nope and q_pe. The last blocks, with the most keys to visit, start first.
+        m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK
+        b = tl.program_id(1) // heads
+        h = tl.program_id(1) % heads
+        rows = m0 + tl.arange(0, BLOCK)
+        return (m0, b, h, rows, _tile(QN, sqn_b, sqn_t, sqn_h, b, h, rows, t, DN),
+                _tile(QR, sqr_b, sqr_t, sqr_h, b, h, rows, t, DR))
+
+    @triton.jit
     def _fwd_step(acc, m_i, l_i, qn, qr, KV, KR, b, h, n0, t, qk_scale, skv_b, skv_t, skv_h, skr_b, skr_t, rows_m,
                   DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
         cols_n = n0 + tl.arange(0, BLOCK_N)
@@ -189,14 +201,8 @@ if triton is not None:
     def _fwd_kernel(QN, QR, KV, KR, O, LSE, qk_scale, t, heads, sqn_b, sqn_t, sqn_h, sqr_b, sqr_t, sqr_h,
                     skv_b, skv_t, skv_h, skr_b, skr_t, so_b, so_t, so_h, DN: tl.constexpr, DR: tl.constexpr,
                     DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # Program (i, b * H + h): query rows [m0, m0 + BLOCK_M) of batch b, head h; the last blocks, with the most
-        # keys to visit, start first.
-        m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-        b = tl.program_id(1) // heads
-        h = tl.program_id(1) % heads
-        rows_m = m0 + tl.arange(0, BLOCK_M)
-        qn = _tile(QN, sqn_b, sqn_t, sqn_h, b, h, rows_m, t, DN)
-        qr = _tile(QR, sqr_b, sqr_t, sqr_h, b, h, rows_m, t, DR)
+        m0, b, h, rows_m, qn, qr = _query_block(QN, QR, t, heads, sqn_b, sqn_t, sqn_h, sqr_b, sqr_t, sqr_h, DN, DR,
+                                                BLOCK_M)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, DV], tl.float32)
@@ -302,14 +308,9 @@ if triton is not None:
                    sqr_b, sqr_t, sqr_h, skv_b, skv_t, skv_h, skr_b, skr_t, sdo_b, sdo_t, sdo_h, DQN, DQR,
                    DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr):
-        # Program (i, b * H + h): query rows [m0, m0 + BLOCK_N) (this kernel's query block is BLOCK_N wide, its
-        # key steps BLOCK_M) against every key row at or before them; the last blocks start first.
-        m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_N
-        b = tl.program_id(1) // heads
-        h = tl.program_id(1) % heads
-        rows_m = m0 + tl.arange(0, BLOCK_N)
-        qn = _tile(QN, sqn_b, sqn_t, sqn_h, b, h, rows_m, t, DN)
-        qr = _tile(QR, sqr_b, sqr_t, sqr_h, b, h, rows_m, t, DR)
+        # This kernel's query block is BLOCK_N wide, its key steps BLOCK_M: every key row at or before the block.
+        m0, b, h, rows_m, qn, qr = _query_block(QN, QR, t, heads, sqn_b, sqn_t, sqn_h, sqr_b, sqr_t, sqr_h, DN, DR,
+                                                BLOCK_N)
         do = _tile(DO, sdo_b, sdo_t, sdo_h, b, h, rows_m, t, DV)
         at = (b * heads + h).to(tl.int64) * t + rows_m
         lse = tl.load(LSE + at, mask=rows_m < t, other=float("inf"))
