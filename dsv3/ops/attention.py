@@ -43,8 +43,8 @@ LOG2E = 1.4426950408889634
 
 
 def mla_causal_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
-                  scale: float) -> torch.Tensor:
-    # -> o: [B, T, H, Dv]
+                         scale: float) -> torch.Tensor:
+    # q_nope: [B, T, H, Dn], q_pe: [B, T, H, Dr], kv: [B, T, H, Dn + Dv], k_pe: [B, T, Dr] -> o: [B, T, H, Dv]
     on_gpu = q_nope.is_cuda and q_nope.dtype in (torch.bfloat16, torch.float16)  # fp32 products would be tf32's
     if triton is not None and (on_gpu or INTERPRET) and _kernel_shapes(q_nope, q_pe, kv):
         return _MLAAttention.apply(q_nope, q_pe, kv, k_pe, scale)
