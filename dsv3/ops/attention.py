@@ -90,6 +90,12 @@ def _strides(t: torch.Tensor, dims: int = 3) -> list[int]:
     return list(t.stride()[:dims])
 
 
+def _tuning_length(t: int) -> int:
+    # the kernels' autotuning key: the sequence length rounded up to a power of two, so that a caller scoring texts of
+    # many lengths does not time the tiles again for each one (training sees one length)
+    return triton.next_power_of_2(t)
+
+
 def _configs(tiles) -> list:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
@@ -111,9 +117,9 @@ def _fwd_op(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: to
     lse = torch.empty(b, h, t, device=q_nope.device, dtype=torch.float32)  # base 2, scores times scale * log2(e)
     if o.numel():
         grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)  # noqa: E731
-        _fwd_kernel[grid](q_nope, q_pe, kv, k_pe, o, lse, scale * LOG2E, t, h, *_strides(q_nope), *_strides(q_pe),
-                          *_strides(kv), *_strides(k_pe, 2), *_strides(o), DN=dn, DR=q_pe.shape[-1], DV=dv,
-                          **fixed_meta(_configs(FWD_TILES)))
+        _fwd_kernel[grid](q_nope, q_pe, kv, k_pe, o, lse, scale * LOG2E, t, _tuning_length(t), h, *_strides(q_nope),
+                          *_strides(q_pe), *_strides(kv), *_strides(k_pe, 2), *_strides(o), DN=dn, DR=q_pe.shape[-1],
+                          DV=dv, **fixed_meta(_configs(FWD_TILES)))
     return o, lse
 
 
@@ -136,8 +142,8 @@ def _bwd_op(grad_o: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: 
         rows = b * t * h
         _delta_kernel[(triton.cdiv(rows, 64),)](o, grad_o, delta, rows, t, h, *_strides(o), *_strides(grad_o),
                                                 DV=dv, BLOCK=64, num_warps=4)
-        args = (q_nope, q_pe, kv, k_pe, grad_o, lse, delta, scale * LOG2E, scale, t, h, *_strides(q_nope),
-                *_strides(q_pe), *_strides(kv), *_strides(k_pe, 2), *_strides(grad_o))
+        args = (q_nope, q_pe, kv, k_pe, grad_o, lse, delta, scale * LOG2E, scale, t, _tuning_length(t), h,
+                *_strides(q_nope), *_strides(q_pe), *_strides(kv), *_strides(k_pe, 2), *_strides(grad_o))
         _dkdv_kernel[lambda meta: (triton.cdiv(t, meta["BLOCK_N"]), b * h)](
             *args, d_kv, d_k_pe_heads, DN=dn, DR=dr, DV=dv, **fixed_meta(_configs(DKDV_TILES)))
         _dq_kernel[lambda meta: (triton.cdiv(t, meta["BLOCK_N"]), b * h)](
@@ -196,9 +202,9 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         return acc, m_new, l_i
 
-    @autotuned(_configs(FWD_TILES), key=["t", "DN", "DR", "DV"])
+    @autotuned(_configs(FWD_TILES), key=["t_tune", "DN", "DR", "DV"])
     @triton.jit
-    def _fwd_kernel(QN, QR, KV, KR, O, LSE, qk_scale, t, heads, sqn_b, sqn_t, sqn_h, sqr_b, sqr_t, sqr_h,
+    def _fwd_kernel(QN, QR, KV, KR, O, LSE, qk_scale, t, t_tune, heads, sqn_b, sqn_t, sqn_h, sqr_b, sqr_t, sqr_h,
                     skv_b, skv_t, skv_h, skr_b, skr_t, so_b, so_t, so_h, DN: tl.constexpr, DR: tl.constexpr,
                     DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         m0, b, h, rows_m, qn, qr = _query_block(QN, QR, t, heads, sqn_b, sqn_t, sqn_h, sqr_b, sqr_t, sqr_h, DN, DR,
@@ -252,9 +258,9 @@ if triton is not None:
         dkr += tl.dot(ds_t, qr)
         return dkn, dkr, dv
 
-    @autotuned(_configs(DKDV_TILES), key=["t", "DN", "DR", "DV"])
+    @autotuned(_configs(DKDV_TILES), key=["t_tune", "DN", "DR", "DV"])
     @triton.jit
-    def _dkdv_kernel(QN, QR, KV, KR, DO, LSE, DELTA, qk_scale, scale, t, heads, sqn_b, sqn_t, sqn_h,
+    def _dkdv_kernel(QN, QR, KV, KR, DO, LSE, DELTA, qk_scale, scale, t, t_tune, heads, sqn_b, sqn_t, sqn_h,
                      sqr_b, sqr_t, sqr_h, skv_b, skv_t, skv_h, skr_b, skr_t, sdo_b, sdo_t, sdo_h, DKV, DKR,
                      DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr):
@@ -302,9 +308,9 @@ if triton is not None:
         dqr += tl.dot(ds, kr)
         return dqn, dqr
 
-    @autotuned(_configs(DQ_TILES), key=["t", "DN", "DR", "DV"])
+    @autotuned(_configs(DQ_TILES), key=["t_tune", "DN", "DR", "DV"])
     @triton.jit
-    def _dq_kernel(QN, QR, KV, KR, DO, LSE, DELTA, qk_scale, scale, t, heads, sqn_b, sqn_t, sqn_h,
+    def _dq_kernel(QN, QR, KV, KR, DO, LSE, DELTA, qk_scale, scale, t, t_tune, heads, sqn_b, sqn_t, sqn_h,
                    sqr_b, sqr_t, sqr_h, skv_b, skv_t, skv_h, skr_b, skr_t, sdo_b, sdo_t, sdo_h, DQN, DQR,
                    DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr):
