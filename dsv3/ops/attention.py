@@ -60,9 +60,11 @@ def mla_causal_attention_reference(q_nope, q_pe, kv, k_pe, scale: float) -> torc
 
 
 def _kernel_shapes(q_nope, q_pe, kv) -> bool:
-    # tl.arange and the tensor cores' products want power-of-two widths of at least 16
+    # tl.arange and the tensor cores' products want power-of-two widths of at least 16; the grid's second dimension,
+    # B * H (one head's blocks run side by side, sharing its keys in L2), is at most 65,535
     dn = q_nope.shape[-1]
-    return all(d >= 16 and d & (d - 1) == 0 for d in (dn, q_pe.shape[-1], kv.shape[-1] - dn))
+    widths = all(d >= 16 and d & (d - 1) == 0 for d in (dn, q_pe.shape[-1], kv.shape[-1] - dn))
+    return widths and q_nope.shape[0] * q_nope.shape[2] <= 65535
 
 
 def _last_dim_contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
