@@ -39,7 +39,7 @@ try:
 except ImportError:  # CPU-only installs: the reference serves
     triton = None
 
-LOG2E = 1.4426950408889634
+LOG2E = math.log2(math.e)  # the kernels exponentiate in base 2
 
 
 def mla_causal_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
